@@ -1,0 +1,125 @@
+//! Real-ESRGAN networks on candle: architectures, the registry of named models, weight
+//! loading and tiled inference.
+//!
+//! This module knows candle and the weight formats only; it never decodes images or talks to
+//! the network. Inputs and outputs are `(1, 3, H, W)` tensors with values in `[0, 1]`.
+
+pub mod ncnn;
+pub mod registry;
+pub mod rrdbnet;
+pub mod srvgg;
+pub mod tiling;
+pub mod weights;
+
+use candle_core::{Device, Module, Tensor};
+
+pub use registry::{find, Arch, ModelSpec, REGISTRY};
+pub use tiling::{Progress, TileOptions};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("unknown model `{0}` (known: {known})", known = registry::names().join(", "))]
+    UnknownModel(String),
+    #[error("weights for `{model}` not found at {path}")]
+    WeightsNotFound { model: String, path: String },
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("invalid weights: {0}")]
+    Format(String),
+    #[error("weights lack tensor `{0}`")]
+    MissingTensor(String),
+    #[error("weights have unexpected tensor(s): {}", .0.join(", "))]
+    UnexpectedTensors(Vec<String>),
+    #[error("tensor `{name}` has shape {got:?}, expected {expected:?}")]
+    ShapeMismatch {
+        name: String,
+        expected: Vec<usize>,
+        got: Vec<usize>,
+    },
+    #[error("invalid tiling: {0}")]
+    Tiling(String),
+    #[error("cancelled")]
+    Cancelled,
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+impl ModelError {
+    pub(crate) fn format(msg: impl Into<String>) -> Self {
+        Self::Format(msg.into())
+    }
+}
+
+/// One of the supported architectures with its weights loaded.
+#[derive(Debug, Clone)]
+pub enum Network {
+    RrdbNet(rrdbnet::RrdbNet),
+    SrVgg(srvgg::SrVggNetCompact),
+}
+
+impl Network {
+    pub fn new(arch: &Arch, vb: candle_nn::VarBuilder) -> candle_core::Result<Self> {
+        Ok(match arch {
+            Arch::RrdbNet(cfg) => Self::RrdbNet(rrdbnet::RrdbNet::new(cfg, vb)?),
+            Arch::SrVgg(cfg) => Self::SrVgg(srvgg::SrVggNetCompact::new(cfg, vb)?),
+        })
+    }
+}
+
+impl Module for Network {
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Self::RrdbNet(n) => n.forward(xs),
+            Self::SrVgg(n) => n.forward(xs),
+        }
+    }
+}
+
+/// A registry model ready to run.
+#[derive(Debug, Clone)]
+pub struct Model {
+    spec: ModelSpec,
+    net: Network,
+    device: Device,
+}
+
+impl Model {
+    pub fn new(spec: ModelSpec, net: Network, device: Device) -> Self {
+        Self { spec, net, device }
+    }
+
+    /// Loads `spec` from a weights file (safetensors, `.pth`, or an ncnn `.param` with its `.bin`).
+    pub fn load(
+        spec: &ModelSpec,
+        path: &std::path::Path,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
+        let tensors = weights::read(spec, path)?;
+        let net = weights::build_checked(&spec.arch, tensors, device)?;
+        Ok(Self::new(spec.clone(), net, device.clone()))
+    }
+
+    pub fn spec(&self) -> &ModelSpec {
+        &self.spec
+    }
+
+    pub fn scale(&self) -> usize {
+        self.spec.arch.scale()
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn network(&self) -> &Network {
+        &self.net
+    }
+
+    /// Runs the network on a `(1, 3, H, W)` input without tiling.
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor, ModelError> {
+        Ok(self.net.forward(xs)?)
+    }
+}

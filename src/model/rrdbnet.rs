@@ -1,0 +1,220 @@
+//! RRDBNet, the generator of ESRGAN / Real-ESRGAN (BasicSR `rrdbnet_arch.py`).
+//!
+//! Owns the network structure only: no file or image I/O. The `VarBuilder` prefixes mirror
+//! the PyTorch state-dict keys (`conv_first`, `body.{i}.rdb{j}.conv{k}`, `conv_body`,
+//! `conv_up1`, `conv_up2`, `conv_hr`, `conv_last`) so official weights load unchanged.
+
+use candle_core::{Module, Result, Tensor};
+use candle_nn::{conv2d, Conv2d, Conv2dConfig, VarBuilder};
+
+/// Shape of an RRDBNet. `scale` is the overall upscaling factor (1, 2 or 4); for 1 and 2 the
+/// input is pixel-unshuffled first, exactly as BasicSR does, so the body always works at a
+/// quarter of the output resolution.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub num_in_ch: usize,
+    pub num_out_ch: usize,
+    pub scale: usize,
+    pub num_feat: usize,
+    pub num_block: usize,
+    pub num_grow_ch: usize,
+}
+
+impl Config {
+    /// `RealESRGAN_x4plus`: 23 RRDB blocks, 4x.
+    pub fn x4plus() -> Self {
+        Self {
+            num_in_ch: 3,
+            num_out_ch: 3,
+            scale: 4,
+            num_feat: 64,
+            num_block: 23,
+            num_grow_ch: 32,
+        }
+    }
+
+    /// `RealESRGAN_x4plus_anime_6B`: 6 RRDB blocks, 4x.
+    pub fn x4plus_anime_6b() -> Self {
+        Self {
+            num_block: 6,
+            ..Self::x4plus()
+        }
+    }
+
+    /// `RealESRGAN_x2plus`: 23 blocks at 2x with a pixel-unshuffled input.
+    pub fn x2plus() -> Self {
+        Self {
+            scale: 2,
+            ..Self::x4plus()
+        }
+    }
+
+    /// Channels the first convolution sees after the pixel unshuffle.
+    fn first_conv_in_ch(&self) -> usize {
+        match self.scale {
+            2 => self.num_in_ch * 4,
+            1 => self.num_in_ch * 16,
+            _ => self.num_in_ch,
+        }
+    }
+
+    /// Multiply-adds per input pixel, counting every convolution.
+    pub fn macs_per_input_pixel(&self) -> u64 {
+        let k = 9u64;
+        let (f, g) = (self.num_feat as u64, self.num_grow_ch as u64);
+        let body_px = match self.scale {
+            2 => 4,
+            1 => 16,
+            _ => 1,
+        };
+        // The body runs at input / unshuffle resolution: count per body pixel, then rescale.
+        let first = self.first_conv_in_ch() as u64 * f * k;
+        let rdb: u64 = (0..4).map(|i| (f + i * g) * g * k).sum::<u64>() + (f + 4 * g) * f * k;
+        let body = rdb * 3 * self.num_block as u64 + f * f * k;
+        let per_body_px = first + body;
+        // Upsampling convs run at 2x and 4x of the body resolution (4 and 16 pixels each).
+        let up = f * f * k * 4 + f * f * k * 16;
+        let tail = f * f * k * 16 + f * self.num_out_ch as u64 * k * 16;
+        (per_body_px + up + tail) / body_px
+    }
+}
+
+fn conv3x3(in_ch: usize, out_ch: usize, vb: VarBuilder) -> Result<Conv2d> {
+    let cfg = Conv2dConfig {
+        padding: 1,
+        ..Default::default()
+    };
+    conv2d(in_ch, out_ch, 3, cfg, vb)
+}
+
+fn lrelu(xs: &Tensor) -> Result<Tensor> {
+    candle_nn::ops::leaky_relu(xs, 0.2)
+}
+
+/// Residual dense block: five convolutions, each seeing the concatenation of the block input
+/// and every earlier output.
+#[derive(Debug, Clone)]
+struct ResidualDenseBlock {
+    convs: [Conv2d; 5],
+}
+
+impl ResidualDenseBlock {
+    fn new(num_feat: usize, num_grow_ch: usize, vb: VarBuilder) -> Result<Self> {
+        let conv = |i: usize, out: usize| {
+            conv3x3(
+                num_feat + (i - 1) * num_grow_ch,
+                out,
+                vb.pp(format!("conv{i}")),
+            )
+        };
+        Ok(Self {
+            convs: [
+                conv(1, num_grow_ch)?,
+                conv(2, num_grow_ch)?,
+                conv(3, num_grow_ch)?,
+                conv(4, num_grow_ch)?,
+                conv(5, num_feat)?,
+            ],
+        })
+    }
+}
+
+impl Module for ResidualDenseBlock {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mut feats = vec![x.clone()];
+        for conv in &self.convs[..4] {
+            let input = Tensor::cat(&feats, 1)?;
+            feats.push(lrelu(&conv.forward(&input)?)?);
+        }
+        let x5 = self.convs[4].forward(&Tensor::cat(&feats, 1)?)?;
+        (x5 * 0.2)? + x
+    }
+}
+
+/// Residual in residual dense block: three dense blocks and a scaled skip connection.
+#[derive(Debug, Clone)]
+struct Rrdb {
+    rdbs: [ResidualDenseBlock; 3],
+}
+
+impl Rrdb {
+    fn new(num_feat: usize, num_grow_ch: usize, vb: VarBuilder) -> Result<Self> {
+        let rdb =
+            |i: usize| ResidualDenseBlock::new(num_feat, num_grow_ch, vb.pp(format!("rdb{i}")));
+        Ok(Self {
+            rdbs: [rdb(1)?, rdb(2)?, rdb(3)?],
+        })
+    }
+}
+
+impl Module for Rrdb {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mut out = x.clone();
+        for rdb in &self.rdbs {
+            out = rdb.forward(&out)?;
+        }
+        (out * 0.2)? + x
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RrdbNet {
+    cfg: Config,
+    conv_first: Conv2d,
+    body: Vec<Rrdb>,
+    conv_body: Conv2d,
+    conv_up1: Conv2d,
+    conv_up2: Conv2d,
+    conv_hr: Conv2d,
+    conv_last: Conv2d,
+}
+
+impl RrdbNet {
+    pub fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+        let f = cfg.num_feat;
+        let conv_first = conv3x3(cfg.first_conv_in_ch(), f, vb.pp("conv_first"))?;
+        let vb_body = vb.pp("body");
+        let body = (0..cfg.num_block)
+            .map(|i| Rrdb::new(f, cfg.num_grow_ch, vb_body.pp(i)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            conv_first,
+            body,
+            conv_body: conv3x3(f, f, vb.pp("conv_body"))?,
+            conv_up1: conv3x3(f, f, vb.pp("conv_up1"))?,
+            conv_up2: conv3x3(f, f, vb.pp("conv_up2"))?,
+            conv_hr: conv3x3(f, f, vb.pp("conv_hr"))?,
+            conv_last: conv3x3(f, cfg.num_out_ch, vb.pp("conv_last"))?,
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+}
+
+fn upsample2x(xs: &Tensor) -> Result<Tensor> {
+    let (_, _, h, w) = xs.dims4()?;
+    xs.upsample_nearest2d(h * 2, w * 2)
+}
+
+impl Module for RrdbNet {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let feat = match self.cfg.scale {
+            2 => candle_nn::ops::pixel_unshuffle(xs, 2)?,
+            1 => candle_nn::ops::pixel_unshuffle(xs, 4)?,
+            _ => xs.clone(),
+        };
+        let feat = self.conv_first.forward(&feat)?;
+        let mut body = feat.clone();
+        for block in &self.body {
+            body = block.forward(&body)?;
+        }
+        let feat = (feat + self.conv_body.forward(&body)?)?;
+        let feat = lrelu(&self.conv_up1.forward(&upsample2x(&feat)?)?)?;
+        let feat = lrelu(&self.conv_up2.forward(&upsample2x(&feat)?)?)?;
+        self.conv_last
+            .forward(&lrelu(&self.conv_hr.forward(&feat)?)?)
+    }
+}

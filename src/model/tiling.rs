@@ -1,0 +1,234 @@
+//! Tiled inference with the exact semantics of Real-ESRGAN's `RealESRGANer`:
+//! `pre_pad` (reflect right/bottom), the reflect "mod pad" that 2x and 1x RRDBNet need,
+//! `tile_process` (tiles of `tile` pixels read with `tile_pad` pixels of context, clamped at
+//! the image edge, only the centre kept, no blending) and the final crop.
+//!
+//! Output tiles go to a sink as they are produced, so the caller never has to hold the whole
+//! float output: memory stays bounded by one tile's working set plus what the sink keeps.
+
+use std::ops::ControlFlow;
+
+use candle_core::{Device, Tensor};
+
+use super::{Arch, Model, ModelError};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TileOptions {
+    /// Tile edge in input pixels; 0 runs the whole image at once.
+    pub tile: usize,
+    /// Context read around each tile, in input pixels.
+    pub tile_pad: usize,
+    /// Reflect padding added to the right and bottom before inference and cropped after.
+    pub pre_pad: usize,
+}
+
+impl Default for TileOptions {
+    fn default() -> Self {
+        Self {
+            tile: 0,
+            tile_pad: 10,
+            pre_pad: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Progress {
+    pub done: usize,
+    pub total: usize,
+}
+
+/// Where finished output tiles go. `x`/`y` are the tile's top-left corner in the final
+/// (cropped) output; `tile` is `(1, C, h, w)` and lies entirely inside the output.
+pub trait TileSink {
+    fn put(&mut self, x: usize, y: usize, tile: &Tensor) -> Result<(), ModelError>;
+}
+
+/// Padding RealESRGANer adds so 2x and 1x RRDBNet can pixel-unshuffle the input.
+fn mod_scale(scale: usize) -> usize {
+    match scale {
+        2 => 2,
+        1 => 4,
+        _ => 1,
+    }
+}
+
+/// Size of the network input after `pre_pad` and the mod pad, for an `h` x `w` image.
+fn padded_size(scale: usize, h: usize, w: usize, pre_pad: usize) -> (usize, usize) {
+    let m = mod_scale(scale);
+    let up = |v: usize| (v + pre_pad).div_ceil(m) * m;
+    (up(h), up(w))
+}
+
+/// Number of forward passes a run with `opts` makes on an `h` x `w` image.
+pub fn tile_count(scale: usize, h: usize, w: usize, opts: &TileOptions) -> usize {
+    if opts.tile == 0 {
+        return 1;
+    }
+    let (ph, pw) = padded_size(scale, h, w, opts.pre_pad);
+    ph.div_ceil(opts.tile) * pw.div_ceil(opts.tile)
+}
+
+/// The largest tile whose forward pass fits in `budget_bytes`, or 0 (no tiling) when the
+/// whole image does. Tiles are multiples of 8 and at least 16 pixels.
+pub fn auto_tile(arch: &Arch, budget_bytes: u64, tile_pad: usize, h: usize, w: usize) -> usize {
+    let per_px = arch.peak_bytes_per_input_pixel();
+    if (h * w) as u64 * per_px <= budget_bytes {
+        return 0;
+    }
+    let side = ((budget_bytes / per_px) as f64).sqrt() as usize;
+    let tile = side.saturating_sub(2 * tile_pad) / 8 * 8;
+    tile.max(16)
+}
+
+/// Reflect-pads a `(1, C, H, W)` tensor on the bottom and right (PyTorch `F.pad(.., 'reflect')`).
+fn reflect_pad_br(x: &Tensor, pad_h: usize, pad_w: usize) -> Result<Tensor, ModelError> {
+    let (_, _, h, w) = x.dims4()?;
+    if pad_h >= h.max(1) || pad_w >= w.max(1) {
+        return Err(ModelError::Tiling(format!(
+            "image of {w}x{h} is too small for a reflect padding of {pad_w}x{pad_h}"
+        )));
+    }
+    let reflect = |n: usize, pad: usize| -> Vec<u32> {
+        (0..n + pad)
+            .map(|i| if i < n { i } else { 2 * (n - 1) - i } as u32)
+            .collect()
+    };
+    let mut x = x.clone();
+    if pad_h > 0 {
+        let idx = Tensor::new(reflect(h, pad_h).as_slice(), x.device())?;
+        x = x.index_select(&idx, 2)?;
+    }
+    if pad_w > 0 {
+        let idx = Tensor::new(reflect(w, pad_w).as_slice(), x.device())?;
+        x = x.index_select(&idx, 3)?;
+    }
+    Ok(x)
+}
+
+/// Runs `model` over `img` (`(1, 3, H, W)`, values in `[0, 1]`) tile by tile, handing each
+/// output tile to `sink`. `on_progress` is told before the first tile and after each one;
+/// returning `Break` stops the run between tiles with `ModelError::Cancelled`.
+pub fn run(
+    model: &Model,
+    img: &Tensor,
+    opts: &TileOptions,
+    sink: &mut dyn TileSink,
+    on_progress: &mut dyn FnMut(Progress) -> ControlFlow<()>,
+) -> Result<(), ModelError> {
+    let scale = model.scale();
+    let (_, _, h, w) = img.dims4()?;
+    let (ph, pw) = padded_size(scale, h, w, opts.pre_pad);
+    let padded = reflect_pad_br(&img.to_device(model.device())?, ph - h, pw - w)?;
+    let (out_h, out_w) = (h * scale, w * scale);
+    let total = tile_count(scale, h, w, opts);
+    let mut report = |done: usize| match on_progress(Progress { done, total }) {
+        ControlFlow::Continue(()) => Ok(()),
+        ControlFlow::Break(()) => Err(ModelError::Cancelled),
+    };
+    report(0)?;
+
+    if opts.tile == 0 {
+        let out = model.forward(&padded)?;
+        sink.put(0, 0, &out.narrow(2, 0, out_h)?.narrow(3, 0, out_w)?)?;
+        return report(1);
+    }
+    if opts.tile % mod_scale(scale) != 0 {
+        return Err(ModelError::Tiling(format!(
+            "tile {} must be a multiple of {} for a {scale}x model",
+            opts.tile,
+            mod_scale(scale)
+        )));
+    }
+
+    let (t, pad) = (opts.tile, opts.tile_pad);
+    let mut done = 0;
+    for y0 in (0..ph).step_by(t) {
+        for x0 in (0..pw).step_by(t) {
+            let (y1, x1) = ((y0 + t).min(ph), (x0 + t).min(pw));
+            let (py0, px0) = (y0.saturating_sub(pad), x0.saturating_sub(pad));
+            let (py1, px1) = ((y1 + pad).min(ph), (x1 + pad).min(pw));
+            let input = padded
+                .narrow(2, py0, py1 - py0)?
+                .narrow(3, px0, px1 - px0)?
+                .contiguous()?;
+            let out = model.forward(&input)?;
+            // The centre of the tile, clipped to the final output (pre/mod pad is dropped).
+            let (oy, ox) = (y0 * scale, x0 * scale);
+            let (oh, ow) = ((y1 - y0) * scale, (x1 - x0) * scale);
+            let (oh, ow) = (
+                oh.min(out_h.saturating_sub(oy)),
+                ow.min(out_w.saturating_sub(ox)),
+            );
+            if oh > 0 && ow > 0 {
+                let centre =
+                    out.narrow(2, (y0 - py0) * scale, oh)?
+                        .narrow(3, (x0 - px0) * scale, ow)?;
+                sink.put(ox, oy, &centre)?;
+            }
+            done += 1;
+            report(done)?;
+        }
+    }
+    Ok(())
+}
+
+/// A sink that assembles the whole output as one `(C, H, W)` f32 buffer on the CPU.
+pub struct AssembleSink {
+    channels: usize,
+    height: usize,
+    width: usize,
+    data: Vec<f32>,
+}
+
+impl AssembleSink {
+    pub fn new(channels: usize, height: usize, width: usize) -> Self {
+        Self {
+            channels,
+            height,
+            width,
+            data: vec![0.0; channels * height * width],
+        }
+    }
+
+    pub fn into_tensor(self) -> Result<Tensor, ModelError> {
+        Ok(Tensor::from_vec(
+            self.data,
+            (1, self.channels, self.height, self.width),
+            &Device::Cpu,
+        )?)
+    }
+}
+
+impl TileSink for AssembleSink {
+    fn put(&mut self, x: usize, y: usize, tile: &Tensor) -> Result<(), ModelError> {
+        let (_, c, h, w) = tile.dims4()?;
+        let vals = tile
+            .to_device(&Device::Cpu)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        for ch in 0..c.min(self.channels) {
+            for row in 0..h {
+                let src = &vals[(ch * h + row) * w..][..w];
+                let dst = (ch * self.height + y + row) * self.width + x;
+                self.data[dst..dst + w].copy_from_slice(src);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Runs the model and returns the whole `(1, 3, H*s, W*s)` output (unclamped).
+pub fn run_to_tensor(
+    model: &Model,
+    img: &Tensor,
+    opts: &TileOptions,
+) -> Result<Tensor, ModelError> {
+    let (_, c, h, w) = img.dims4()?;
+    let s = model.scale();
+    let mut sink = AssembleSink::new(c, h * s, w * s);
+    run(model, img, opts, &mut sink, &mut |_| {
+        ControlFlow::Continue(())
+    })?;
+    sink.into_tensor()
+}
