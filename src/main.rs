@@ -128,9 +128,18 @@ enum Command {
     },
 }
 
+/// An input file that cannot be read: the user's mistake, like a corrupt image.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot read {path}: {source}")]
+struct UnreadableInput {
+    path: String,
+    source: std::io::Error,
+}
+
 /// Exit status 2 for bad input or usage, 1 for everything else.
 fn exit_code(err: &anyhow::Error) -> u8 {
     let bad_input = err.chain().any(|e| {
+        e.downcast_ref::<UnreadableInput>().is_some() ||
         matches!(
             e.downcast_ref::<PipelineError>(),
             Some(PipelineError::Imaging(_) | PipelineError::InvalidOption(_))
@@ -316,7 +325,8 @@ fn upscale_file(
     opts: &EnhanceOptions,
     format: OutputFormat,
 ) -> anyhow::Result<()> {
-    let bytes = std::fs::read(input).with_context(|| format!("cannot read {}", input.display()))?;
+    let bytes = std::fs::read(input)
+        .map_err(|source| UnreadableInput { path: input.display().to_string(), source })?;
     // Check the input before the (slow) model load.
     let img = imaging::decode(&bytes, opts.max_pixels).map_err(PipelineError::from)?;
     imaging::ensure_encodable(img.color().has_alpha(), format).map_err(PipelineError::from)?;
