@@ -130,20 +130,21 @@ enum Command {
 
 /// An input file that cannot be read: the user's mistake, like a corrupt image.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot read {path}: {source}")]
+#[error("cannot read {path}: {cause}")]
 struct UnreadableInput {
     path: String,
-    source: std::io::Error,
+    cause: std::io::Error,
 }
 
 /// Exit status 2 for bad input or usage, 1 for everything else.
 fn exit_code(err: &anyhow::Error) -> u8 {
     let bad_input = err.chain().any(|e| {
-        e.downcast_ref::<UnreadableInput>().is_some() ||
-        matches!(
-            e.downcast_ref::<PipelineError>(),
-            Some(PipelineError::Imaging(_) | PipelineError::InvalidOption(_))
-        ) || e.downcast_ref::<ImagingError>().is_some()
+        e.downcast_ref::<UnreadableInput>().is_some()
+            || matches!(
+                e.downcast_ref::<PipelineError>(),
+                Some(PipelineError::Imaging(_) | PipelineError::InvalidOption(_))
+            )
+            || e.downcast_ref::<ImagingError>().is_some()
             || matches!(
                 e.downcast_ref::<ModelError>(),
                 Some(ModelError::UnknownModel(_))
@@ -325,8 +326,10 @@ fn upscale_file(
     opts: &EnhanceOptions,
     format: OutputFormat,
 ) -> anyhow::Result<()> {
-    let bytes = std::fs::read(input)
-        .map_err(|source| UnreadableInput { path: input.display().to_string(), source })?;
+    let bytes = std::fs::read(input).map_err(|cause| UnreadableInput {
+        path: input.display().to_string(),
+        cause,
+    })?;
     // Check the input before the (slow) model load.
     let img = imaging::decode(&bytes, opts.max_pixels).map_err(PipelineError::from)?;
     imaging::ensure_encodable(img.color().has_alpha(), format).map_err(PipelineError::from)?;
@@ -381,7 +384,11 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)
+    let mut builder = tempfile::Builder::new();
+    #[cfg(unix)]
+    builder.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644));
+    let mut tmp = builder
+        .tempfile_in(dir)
         .with_context(|| format!("cannot write in {}", dir.display()))?;
     std::io::Write::write_all(&mut tmp, bytes)?;
     tmp.persist(path)

@@ -10,7 +10,9 @@ use image::{DynamicImage, ImageBuffer, Luma, Rgb, RgbImage, Rgba, RgbaImage};
 use upscaler::imaging::{self, ImagingError, OutputFormat};
 use upscaler::model::tiling::{self, run_to_tensor};
 use upscaler::model::{self, Model, ModelError, Network, Progress, TileOptions};
-use upscaler::pipeline::{enhance, enhance_bytes, AlphaMode, EnhanceOptions, PipelineError, TileSize};
+use upscaler::pipeline::{
+    enhance, enhance_bytes, AlphaMode, EnhanceOptions, PipelineError, TileSize,
+};
 
 const FAST: &str = "realesr-animevideov3";
 
@@ -21,7 +23,11 @@ fn go() -> impl FnMut(Progress) -> ControlFlow<()> {
 /// A deterministic, textured test picture.
 fn picture(w: u32, h: u32) -> RgbImage {
     RgbImage::from_fn(w, h, |x, y| {
-        Rgb([(x * 37 + y * 11) as u8, (x * x + 3 * y * y) as u8, ((x ^ y) * 29) as u8])
+        Rgb([
+            (x * 37 + y * 11) as u8,
+            (x * x + 3 * y * y) as u8,
+            ((x ^ y) * 29) as u8,
+        ])
     })
 }
 
@@ -38,11 +44,25 @@ fn input_tensor(img: &RgbImage) -> Tensor {
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims());
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
 }
 
 fn opts(tile: usize, tile_pad: usize, pre_pad: usize) -> EnhanceOptions {
-    EnhanceOptions { tile: TileSize::Fixed(tile), tile_pad, pre_pad, ..Default::default() }
+    EnhanceOptions {
+        tile: TileSize::Fixed(tile),
+        tile_pad,
+        pre_pad,
+        ..Default::default()
+    }
 }
 
 /// A registry architecture with small random weights (for shapes the shipped files lack).
@@ -65,12 +85,39 @@ fn tiles_with_enough_context_reproduce_the_whole_image() {
     // SRVGGNetCompact sees 18 pixels around each pixel: a pad of 20 hides every seam.
     let model = common::model(FAST);
     let x = input_tensor(&picture(45, 30));
-    let whole = run_to_tensor(&model, &x, &TileOptions { tile: 0, tile_pad: 0, pre_pad: 0 }).unwrap();
-    let tiled = run_to_tensor(&model, &x, &TileOptions { tile: 16, tile_pad: 20, pre_pad: 0 }).unwrap();
+    let whole = run_to_tensor(
+        &model,
+        &x,
+        &TileOptions {
+            tile: 0,
+            tile_pad: 0,
+            pre_pad: 0,
+        },
+    )
+    .unwrap();
+    let tiled = run_to_tensor(
+        &model,
+        &x,
+        &TileOptions {
+            tile: 16,
+            tile_pad: 20,
+            pre_pad: 0,
+        },
+    )
+    .unwrap();
     assert_eq!(whole.dims(), &[1, 3, 120, 180]);
     assert!(max_abs_diff(&whole, &tiled) < 1e-4);
     // Without context the seams show: the test can tell tiling apart.
-    let seamy = run_to_tensor(&model, &x, &TileOptions { tile: 16, tile_pad: 0, pre_pad: 0 }).unwrap();
+    let seamy = run_to_tensor(
+        &model,
+        &x,
+        &TileOptions {
+            tile: 16,
+            tile_pad: 0,
+            pre_pad: 0,
+        },
+    )
+    .unwrap();
     assert!(max_abs_diff(&whole, &seamy) > 1e-3);
 }
 
@@ -81,9 +128,27 @@ fn x2_rrdbnet_unshuffles_and_tiles_consistently() {
     let x = input_tensor(&picture(13, 9));
     let whole = run_to_tensor(&model, &x, &TileOptions::default()).unwrap();
     assert_eq!(whole.dims(), &[1, 3, 18, 26]);
-    let tiled = run_to_tensor(&model, &x, &TileOptions { tile: 4, tile_pad: 16, pre_pad: 0 }).unwrap();
+    let tiled = run_to_tensor(
+        &model,
+        &x,
+        &TileOptions {
+            tile: 4,
+            tile_pad: 16,
+            pre_pad: 0,
+        },
+    )
+    .unwrap();
     assert!(max_abs_diff(&whole, &tiled) < 1e-4);
-    let err = run_to_tensor(&model, &x, &TileOptions { tile: 5, tile_pad: 2, pre_pad: 0 }).unwrap_err();
+    let err = run_to_tensor(
+        &model,
+        &x,
+        &TileOptions {
+            tile: 5,
+            tile_pad: 2,
+            pre_pad: 0,
+        },
+    )
+    .unwrap_err();
     assert!(matches!(err, ModelError::Tiling(_)), "{err}");
 }
 
@@ -92,15 +157,38 @@ fn pre_pad_keeps_the_size_and_only_touches_the_far_edges() {
     let model = common::model(FAST);
     let x = input_tensor(&picture(40, 32));
     let plain = run_to_tensor(&model, &x, &TileOptions::default()).unwrap();
-    let padded = run_to_tensor(&model, &x, &TileOptions { tile: 0, tile_pad: 0, pre_pad: 6 }).unwrap();
+    let padded = run_to_tensor(
+        &model,
+        &x,
+        &TileOptions {
+            tile: 0,
+            tile_pad: 0,
+            pre_pad: 6,
+        },
+    )
+    .unwrap();
     assert_eq!(plain.dims(), padded.dims());
     // Away from the right and bottom edges (18 px of receptive field, x4) nothing changes...
-    let crop = |t: &Tensor| t.narrow(2, 0, 4 * (32 - 19)).unwrap().narrow(3, 0, 4 * (40 - 19)).unwrap();
+    let crop = |t: &Tensor| {
+        t.narrow(2, 0, 4 * (32 - 19))
+            .unwrap()
+            .narrow(3, 0, 4 * (40 - 19))
+            .unwrap()
+    };
     assert!(max_abs_diff(&crop(&plain), &crop(&padded)) < 1e-4);
     // ...while the edges do see the reflected context.
     assert!(max_abs_diff(&plain, &padded) > 1e-4);
     // A pad as large as the image cannot be reflected.
-    let err = run_to_tensor(&model, &x, &TileOptions { tile: 0, tile_pad: 0, pre_pad: 32 }).unwrap_err();
+    let err = run_to_tensor(
+        &model,
+        &x,
+        &TileOptions {
+            tile: 0,
+            tile_pad: 0,
+            pre_pad: 32,
+        },
+    )
+    .unwrap_err();
     assert!(matches!(err, ModelError::Tiling(_)), "{err}");
 }
 
@@ -109,17 +197,34 @@ fn gray_stays_gray_and_matches_the_luma_of_the_rgb_result() {
     let model = common::model(FAST);
     let gray = ImageBuffer::<Luma<u8>, _>::from_fn(24, 20, |x, y| Luma([(x * 9 + y * 5) as u8]));
     let rgb = DynamicImage::ImageLuma8(gray.clone()).to_rgb8();
-    let out_gray = enhance(&model, &DynamicImage::ImageLuma8(gray), &opts(0, 0, 0), &mut go()).unwrap();
-    let out_rgb = enhance(&model, &DynamicImage::ImageRgb8(rgb), &opts(0, 0, 0), &mut go()).unwrap();
+    let out_gray = enhance(
+        &model,
+        &DynamicImage::ImageLuma8(gray),
+        &opts(0, 0, 0),
+        &mut go(),
+    )
+    .unwrap();
+    let out_rgb = enhance(
+        &model,
+        &DynamicImage::ImageRgb8(rgb),
+        &opts(0, 0, 0),
+        &mut go(),
+    )
+    .unwrap();
     assert!(matches!(out_gray, DynamicImage::ImageLuma8(_)));
     assert_eq!((out_gray.width(), out_gray.height()), (96, 80));
     let luma: Vec<u8> = out_rgb
         .to_rgb8()
         .pixels()
-        .map(|p| (0.299 * p.0[0] as f32 + 0.587 * p.0[1] as f32 + 0.114 * p.0[2] as f32).round() as u8)
+        .map(|p| {
+            (0.299 * p.0[0] as f32 + 0.587 * p.0[1] as f32 + 0.114 * p.0[2] as f32).round() as u8
+        })
         .collect();
     let (max, _) = common::compare(out_gray.as_bytes(), &luma);
-    assert!(max <= 1, "gray differs from the luma of the RGB result by {max}");
+    assert!(
+        max <= 1,
+        "gray differs from the luma of the RGB result by {max}"
+    );
 }
 
 #[test]
@@ -131,13 +236,34 @@ fn rgba_keeps_alpha_with_either_alpha_mode() {
         Rgba([p[0], p[1], p[2], 128])
     });
     let rgba = DynamicImage::ImageRgba8(rgba);
-    let colour_only = enhance(&model, &DynamicImage::ImageRgb8(rgb), &opts(0, 0, 0), &mut go()).unwrap();
+    let colour_only = enhance(
+        &model,
+        &DynamicImage::ImageRgb8(rgb),
+        &opts(0, 0, 0),
+        &mut go(),
+    )
+    .unwrap();
 
-    let bilinear = EnhanceOptions { alpha: AlphaMode::Bilinear, ..opts(0, 0, 0) };
-    let out = enhance(&model, &rgba, &bilinear, &mut go()).unwrap().to_rgba8();
-    assert!(out.pixels().all(|p| p.0[3] == 128), "constant alpha stays constant");
-    let rgb_of_out: Vec<u8> = out.pixels().flat_map(|p| [p.0[0], p.0[1], p.0[2]]).collect();
-    assert_eq!(rgb_of_out, colour_only.as_bytes(), "alpha must not change the colours");
+    let bilinear = EnhanceOptions {
+        alpha: AlphaMode::Bilinear,
+        ..opts(0, 0, 0)
+    };
+    let out = enhance(&model, &rgba, &bilinear, &mut go())
+        .unwrap()
+        .to_rgba8();
+    assert!(
+        out.pixels().all(|p| p.0[3] == 128),
+        "constant alpha stays constant"
+    );
+    let rgb_of_out: Vec<u8> = out
+        .pixels()
+        .flat_map(|p| [p.0[0], p.0[1], p.0[2]])
+        .collect();
+    assert_eq!(
+        rgb_of_out,
+        colour_only.as_bytes(),
+        "alpha must not change the colours"
+    );
 
     let mut passes = Vec::new();
     let out = enhance(&model, &rgba, &opts(0, 0, 0), &mut |p| {
@@ -146,10 +272,17 @@ fn rgba_keeps_alpha_with_either_alpha_mode() {
     })
     .unwrap();
     assert!(matches!(out, DynamicImage::ImageRgba8(_)));
-    assert_eq!(passes.last(), Some(&Progress { done: 2, total: 2 }), "alpha is a second pass");
+    assert_eq!(
+        passes.last(),
+        Some(&Progress { done: 2, total: 2 }),
+        "alpha is a second pass"
+    );
     let alpha: Vec<u8> = out.to_rgba8().pixels().map(|p| p.0[3]).collect();
     let mean = alpha.iter().map(|&a| a as f64).sum::<f64>() / alpha.len() as f64;
-    assert!((mean - 128.0).abs() < 8.0, "network alpha of a flat 128 plane averaged {mean}");
+    assert!(
+        (mean - 128.0).abs() < 8.0,
+        "network alpha of a flat 128 plane averaged {mean}"
+    );
 }
 
 #[test]
@@ -160,14 +293,35 @@ fn sixteen_bit_input_gives_sixteen_bit_output() {
         let p = rgb8.get_pixel(x, y).0;
         Rgb([p[0] as u16 * 257, p[1] as u16 * 257, p[2] as u16 * 257])
     });
-    let out16 = enhance(&model, &DynamicImage::ImageRgb16(rgb16), &opts(0, 0, 0), &mut go()).unwrap();
-    let out8 = enhance(&model, &DynamicImage::ImageRgb8(rgb8), &opts(0, 0, 0), &mut go()).unwrap();
-    let DynamicImage::ImageRgb16(out16) = out16 else { panic!("expected 16-bit RGB output") };
+    let out16 = enhance(
+        &model,
+        &DynamicImage::ImageRgb16(rgb16),
+        &opts(0, 0, 0),
+        &mut go(),
+    )
+    .unwrap();
+    let out8 = enhance(
+        &model,
+        &DynamicImage::ImageRgb8(rgb8),
+        &opts(0, 0, 0),
+        &mut go(),
+    )
+    .unwrap();
+    let DynamicImage::ImageRgb16(out16) = out16 else {
+        panic!("expected 16-bit RGB output")
+    };
     // Same network result, finer quantisation: values agree to within one 8-bit step.
-    let down: Vec<u8> = out16.as_raw().iter().map(|&v| (v as f32 / 257.0).round() as u8).collect();
+    let down: Vec<u8> = out16
+        .as_raw()
+        .iter()
+        .map(|&v| (v as f32 / 257.0).round() as u8)
+        .collect();
     let (max, _) = common::compare(&down, out8.as_bytes());
     assert!(max <= 1);
-    assert!(out16.as_raw().iter().any(|&v| v % 257 != 0), "16-bit output uses the extra precision");
+    assert!(
+        out16.as_raw().iter().any(|&v| v % 257 != 0),
+        "16-bit output uses the extra precision"
+    );
     // And it survives PNG encoding as 16-bit.
     let png = imaging::encode(&DynamicImage::ImageRgb16(out16.clone()), OutputFormat::Png).unwrap();
     let back = imaging::decode(&png, imaging::DEFAULT_MAX_PIXELS).unwrap();
@@ -179,15 +333,24 @@ fn outscale_resizes_the_network_output() {
     let model = common::model(FAST);
     let img = DynamicImage::ImageRgb8(picture(21, 10));
     let size = |outscale| {
-        let o = EnhanceOptions { outscale: Some(outscale), ..opts(0, 0, 0) };
+        let o = EnhanceOptions {
+            outscale: Some(outscale),
+            ..opts(0, 0, 0)
+        };
         let out = enhance(&model, &img, &o, &mut go()).unwrap();
         (out.width(), out.height())
     };
     assert_eq!(size(2.0), (42, 20));
     assert_eq!(size(3.5), (73, 35)); // int(21 * 3.5) = 73, as Real-ESRGAN truncates
     assert_eq!(size(4.0), (84, 40));
-    let bad = EnhanceOptions { outscale: Some(0.0), ..opts(0, 0, 0) };
-    assert!(matches!(enhance(&model, &img, &bad, &mut go()), Err(PipelineError::InvalidOption(_))));
+    let bad = EnhanceOptions {
+        outscale: Some(0.0),
+        ..opts(0, 0, 0)
+    };
+    assert!(matches!(
+        enhance(&model, &img, &bad, &mut go()),
+        Err(PipelineError::InvalidOption(_))
+    ));
 }
 
 #[test]
@@ -215,7 +378,10 @@ fn progress_counts_tiles_and_cancellation_stops_between_tiles() {
         }
     })
     .unwrap_err();
-    assert!(matches!(err, PipelineError::Model(ModelError::Cancelled)), "{err}");
+    assert!(
+        matches!(err, PipelineError::Model(ModelError::Cancelled)),
+        "{err}"
+    );
     assert_eq!(calls, 3, "no tile runs after the cancellation");
 }
 
@@ -223,15 +389,28 @@ fn progress_counts_tiles_and_cancellation_stops_between_tiles() {
 fn automatic_tiles_fit_the_budget_and_match_the_whole_image() {
     let model = common::model(FAST);
     let arch = &model.spec().arch;
-    assert_eq!(tiling::auto_tile(arch, 1 << 30, 10, 64, 64), 0, "small images run whole");
+    assert_eq!(
+        tiling::auto_tile(arch, 1 << 30, 10, 64, 64),
+        0,
+        "small images run whole"
+    );
     let tile = tiling::auto_tile(arch, 4 << 20, 10, 500, 500);
-    assert!(tile >= 16 && tile < 500 && tile % 8 == 0, "tile {tile}");
+    assert!((16..500).contains(&tile) && tile % 8 == 0, "tile {tile}");
     let per_px = arch.peak_bytes_per_input_pixel();
     assert!(((tile + 20) * (tile + 20)) as u64 * per_px <= 4 << 20 || tile == 16);
 
     let img = DynamicImage::ImageRgb8(picture(48, 40));
-    let auto = EnhanceOptions { tile: TileSize::Auto { memory_budget: 6 << 20 }, tile_pad: 24, ..opts(0, 0, 0) };
-    assert!(auto.tile_options(&model, 40, 48).tile > 0, "budget forces tiling");
+    let auto = EnhanceOptions {
+        tile: TileSize::Auto {
+            memory_budget: 2 << 20,
+        },
+        tile_pad: 24,
+        ..opts(0, 0, 0)
+    };
+    assert!(
+        auto.tile_options(&model, 40, 48).tile > 0,
+        "budget forces tiling"
+    );
     let tiled = enhance(&model, &img, &auto, &mut go()).unwrap();
     let whole = enhance(&model, &img, &opts(0, 0, 0), &mut go()).unwrap();
     let (max, same) = common::compare(tiled.as_bytes(), whole.as_bytes());
@@ -241,19 +420,49 @@ fn automatic_tiles_fit_the_budget_and_match_the_whole_image() {
 #[test]
 fn bad_bytes_are_refused_before_inference() {
     let model = common::model(FAST);
-    let png = imaging::encode(&DynamicImage::ImageRgb8(picture(30, 20)), OutputFormat::Png).unwrap();
-    let small = EnhanceOptions { max_pixels: 599, ..opts(0, 0, 0) };
+    let png =
+        imaging::encode(&DynamicImage::ImageRgb8(picture(30, 20)), OutputFormat::Png).unwrap();
+    let small = EnhanceOptions {
+        max_pixels: 599,
+        ..opts(0, 0, 0)
+    };
     let err = enhance_bytes(&model, &png, &small, OutputFormat::Png, &mut go()).unwrap_err();
-    assert!(matches!(err, PipelineError::Imaging(ImagingError::TooLarge { .. })), "{err}");
-    let err = enhance_bytes(&model, &png[..png.len() - 20], &opts(0, 0, 0), OutputFormat::Png, &mut go()).unwrap_err();
-    assert!(matches!(err, PipelineError::Imaging(ImagingError::Decode(_))), "{err}");
-    let rgba = imaging::encode(&DynamicImage::ImageRgba8(RgbaImage::new(8, 8)), OutputFormat::Png).unwrap();
-    let mut ran = false;
-    let err = enhance_bytes(&model, &rgba, &opts(0, 0, 0), OutputFormat::Jpeg(90), &mut |_| {
-        ran = true;
-        ControlFlow::Continue(())
-    })
+    assert!(
+        matches!(err, PipelineError::Imaging(ImagingError::TooLarge { .. })),
+        "{err}"
+    );
+    let err = enhance_bytes(
+        &model,
+        &png[..png.len() - 20],
+        &opts(0, 0, 0),
+        OutputFormat::Png,
+        &mut go(),
+    )
     .unwrap_err();
-    assert!(matches!(err, PipelineError::Imaging(ImagingError::Unsupported(_))), "{err}");
+    assert!(
+        matches!(err, PipelineError::Imaging(ImagingError::Decode(_))),
+        "{err}"
+    );
+    let rgba = imaging::encode(
+        &DynamicImage::ImageRgba8(RgbaImage::new(8, 8)),
+        OutputFormat::Png,
+    )
+    .unwrap();
+    let mut ran = false;
+    let err = enhance_bytes(
+        &model,
+        &rgba,
+        &opts(0, 0, 0),
+        OutputFormat::Jpeg(90),
+        &mut |_| {
+            ran = true;
+            ControlFlow::Continue(())
+        },
+    )
+    .unwrap_err();
+    assert!(
+        matches!(err, PipelineError::Imaging(ImagingError::Unsupported(_))),
+        "{err}"
+    );
     assert!(!ran, "refused before any tile ran");
 }

@@ -105,7 +105,22 @@ pub struct PixelWriter {
     mode: ColorMode,
     depth: Depth,
     channels: usize,
-    data: Vec<u16>,
+    data: Samples,
+}
+
+/// The output samples at their final depth, so an 8-bit result costs one byte per sample.
+enum Samples {
+    U8(Vec<u8>),
+    U16(Vec<u16>),
+}
+
+impl Samples {
+    fn set(&mut self, i: usize, v: u16) {
+        match self {
+            Self::U8(d) => d[i] = v as u8,
+            Self::U16(d) => d[i] = v,
+        }
+    }
 }
 
 impl PixelWriter {
@@ -116,13 +131,18 @@ impl PixelWriter {
             ColorMode::Rgb => 3,
             ColorMode::Rgba => 4,
         };
+        let n = width * height * channels;
+        let data = match depth {
+            Depth::Eight => Samples::U8(vec![0; n]),
+            Depth::Sixteen => Samples::U16(vec![0; n]),
+        };
         Self {
             width,
             height,
             mode,
             depth,
             channels,
-            data: vec![0; width * height * channels],
+            data,
         }
     }
 
@@ -154,13 +174,16 @@ impl PixelWriter {
                 let (r, g, b) = (planes[i], planes[n + i], planes[2 * n + i]);
                 let base = ((y + row) * self.width + x + col) * self.channels;
                 if is_alpha {
-                    self.data[base + self.channels - 1] = self.quantize(Self::gray(r, g, b));
+                    let v = self.quantize(Self::gray(r, g, b));
+                    self.data.set(base + self.channels - 1, v);
                 } else if self.mode.is_gray() {
-                    self.data[base] = self.quantize(Self::gray(r, g, b));
+                    let v = self.quantize(Self::gray(r, g, b));
+                    self.data.set(base, v);
                 } else {
-                    self.data[base] = self.quantize(r);
-                    self.data[base + 1] = self.quantize(g);
-                    self.data[base + 2] = self.quantize(b);
+                    for (c, v) in [r, g, b].into_iter().enumerate() {
+                        let q = self.quantize(v);
+                        self.data.set(base + c, q);
+                    }
                 }
             }
         }
@@ -171,7 +194,7 @@ impl PixelWriter {
         assert_eq!(alpha.len(), self.width * self.height);
         for (i, a) in alpha.iter().enumerate() {
             let q = self.quantize(*a);
-            self.data[i * self.channels + self.channels - 1] = q;
+            self.data.set(i * self.channels + self.channels - 1, q);
         }
     }
 
@@ -185,25 +208,19 @@ impl PixelWriter {
                 )
             };
         }
-        match self.depth {
-            Depth::Eight => {
-                let d: Vec<u8> = self.data.iter().map(|&v| v as u8).collect();
-                match self.mode {
-                    ColorMode::Gray => build!(Luma, ImageLuma8, u8, d),
-                    ColorMode::GrayAlpha => build!(LumaA, ImageLumaA8, u8, d),
-                    ColorMode::Rgb => build!(Rgb, ImageRgb8, u8, d),
-                    ColorMode::Rgba => build!(Rgba, ImageRgba8, u8, d),
-                }
-            }
-            Depth::Sixteen => {
-                let d = self.data;
-                match self.mode {
-                    ColorMode::Gray => build!(Luma, ImageLuma16, u16, d),
-                    ColorMode::GrayAlpha => build!(LumaA, ImageLumaA16, u16, d),
-                    ColorMode::Rgb => build!(Rgb, ImageRgb16, u16, d),
-                    ColorMode::Rgba => build!(Rgba, ImageRgba16, u16, d),
-                }
-            }
+        match self.data {
+            Samples::U8(d) => match self.mode {
+                ColorMode::Gray => build!(Luma, ImageLuma8, u8, d),
+                ColorMode::GrayAlpha => build!(LumaA, ImageLumaA8, u8, d),
+                ColorMode::Rgb => build!(Rgb, ImageRgb8, u8, d),
+                ColorMode::Rgba => build!(Rgba, ImageRgba8, u8, d),
+            },
+            Samples::U16(d) => match self.mode {
+                ColorMode::Gray => build!(Luma, ImageLuma16, u16, d),
+                ColorMode::GrayAlpha => build!(LumaA, ImageLumaA16, u16, d),
+                ColorMode::Rgb => build!(Rgb, ImageRgb16, u16, d),
+                ColorMode::Rgba => build!(Rgba, ImageRgba16, u16, d),
+            },
         }
     }
 }

@@ -22,11 +22,8 @@ pub enum ModelError {
     UnknownModel(String),
     #[error("weights for `{model}` not found at {path}")]
     WeightsNotFound { model: String, path: String },
-    #[error("cannot read {path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
+    #[error("cannot read {path}: {cause}")]
+    Io { path: String, cause: std::io::Error },
     #[error("invalid weights: {0}")]
     Format(String),
     #[error("weights lack tensor `{0}`")]
@@ -56,14 +53,14 @@ impl ModelError {
 /// One of the supported architectures with its weights loaded.
 #[derive(Debug, Clone)]
 pub enum Network {
-    RrdbNet(rrdbnet::RrdbNet),
+    RrdbNet(Box<rrdbnet::RrdbNet>),
     SrVgg(srvgg::SrVggNetCompact),
 }
 
 impl Network {
     pub fn new(arch: &Arch, vb: candle_nn::VarBuilder) -> candle_core::Result<Self> {
         Ok(match arch {
-            Arch::RrdbNet(cfg) => Self::RrdbNet(rrdbnet::RrdbNet::new(cfg, vb)?),
+            Arch::RrdbNet(cfg) => Self::RrdbNet(Box::new(rrdbnet::RrdbNet::new(cfg, vb)?)),
             Arch::SrVgg(cfg) => Self::SrVgg(srvgg::SrVggNetCompact::new(cfg, vb)?),
         })
     }

@@ -164,7 +164,7 @@ impl BinReader<'_> {
 pub fn import(
     layers: &[Layer],
     bin: &[u8],
-    layout: &[(String, Vec<usize>)],
+    layout: &super::weights::Layout,
 ) -> Result<HashMap<String, Tensor>, ModelError> {
     let mut reader = BinReader { data: bin, pos: 0 };
     let mut expected = layout.iter();

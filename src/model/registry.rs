@@ -33,20 +33,19 @@ impl Arch {
         }
     }
 
-    /// Working memory of one forward pass per input pixel, in bytes, measured on the CPU
-    /// backend (peak RSS growth over a pass, divided by the input pixels, plus headroom).
-    /// Used to pick a tile size from a memory budget.
+    /// Working memory of one forward pass per input pixel, in bytes, on the CPU backend.
+    /// Used to pick a tile size from a memory budget. Measured with `upscaler bench` as the
+    /// growth of peak RSS between input sizes (x4plus 64->96 px: 28.6 KiB/px; animevideov3
+    /// 256->512 px: 1.5 KiB/px), rounded up; both scale with the output pixels per input pixel.
     pub fn peak_bytes_per_input_pixel(&self) -> u64 {
         match self {
-            // The 4x tail (conv_up2, conv_hr, conv_last) dominates: im2col of 64 channels
-            // plus activations at 16 output pixels per input pixel.
-            Arch::RrdbNet(c) => 72 * 1024 * 4 / c.scale as u64,
-            Arch::SrVgg(c) => 12 * 1024 * (c.upscale * c.upscale) as u64 / 16,
+            Arch::RrdbNet(c) => 32 * 1024 * (c.scale * c.scale) as u64 / 16,
+            Arch::SrVgg(c) => 2 * 1024 * (c.upscale * c.upscale) as u64 / 16,
         }
     }
 
     /// The `(name, shape)` of every tensor the architecture reads, in PyTorch module order.
-    pub fn tensor_layout(&self) -> Result<Vec<(String, Vec<usize>)>, ModelError> {
+    pub fn tensor_layout(&self) -> Result<super::weights::Layout, ModelError> {
         let recorder = super::weights::LayoutRecorder::default();
         let vb = candle_nn::VarBuilder::from_backend(
             Box::new(recorder.clone()),

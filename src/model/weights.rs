@@ -15,10 +15,13 @@ use super::{ncnn, Arch, ModelError, ModelSpec, Network};
 
 pub type StateDict = HashMap<String, Tensor>;
 
+/// Tensor names and shapes in module order.
+pub type Layout = Vec<(String, Vec<usize>)>;
+
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ModelError + '_ {
-    move |source| ModelError::Io {
+    move |cause| ModelError::Io {
         path: path.display().to_string(),
-        source,
+        cause,
     }
 }
 
@@ -151,10 +154,10 @@ impl SimpleBackend for CheckedBackend {
 /// A backend that hands out zeros and records each request, giving an architecture's tensor
 /// names and shapes in construction (= PyTorch module) order.
 #[derive(Clone, Default)]
-pub(crate) struct LayoutRecorder(Arc<Mutex<Vec<(String, Vec<usize>)>>>);
+pub(crate) struct LayoutRecorder(Arc<Mutex<Layout>>);
 
 impl LayoutRecorder {
-    pub(crate) fn take(&self) -> Vec<(String, Vec<usize>)> {
+    pub(crate) fn take(&self) -> Layout {
         std::mem::take(&mut *self.0.lock().expect("poisoned"))
     }
 }
