@@ -1,10 +1,19 @@
-//! upscaler: Real-ESRGAN image upscaling in pure Rust.
+//! upscaler: Real-ESRGAN image upscaling in pure Rust, as a library, a CLI and a gRPC service.
 //!
 //! `model` holds the networks and tiled inference (candle only), `imaging` the image codecs
 //! and pixel conversions (image crates only), and `pipeline` joins the two with
-//! `RealESRGANer.enhance` semantics.
+//! `RealESRGANer.enhance` semantics. `store` and `locks` are the service's backends, `tasks`
+//! its core, and `api` the gRPC layer, the only module that names tonic types.
 
+pub mod api;
 pub mod bench;
+pub mod config;
 pub mod imaging;
+pub mod locks;
 pub mod model;
 pub mod pipeline;
+pub mod store;
+pub mod tasks;
+
+pub use api::{run, serve};
+pub use config::Settings;

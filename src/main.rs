@@ -62,6 +62,11 @@ enum Alpha {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the gRPC service (settings from flags, the environment or a .env file).
+    Serve {
+        #[command(flatten)]
+        settings: Box<upscaler::Settings>,
+    },
     /// Upscale one image file.
     Upscale {
         input: PathBuf,
@@ -158,15 +163,25 @@ fn exit_code(err: &anyhow::Error) -> u8 {
 }
 
 fn main() -> ExitCode {
+    // A `.env` file fills in settings the environment does not already set; flags override both.
+    let _ = dotenvy::dotenv();
+    let cli = Cli::parse();
+    let default_level = match &cli.command {
+        Command::Serve { settings } => settings.log_level.clone(),
+        _ => "warn".to_string(),
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("UPSCALER_LOG")
-                .unwrap_or_else(|_| "warn".into()),
+                .unwrap_or_else(|_| default_level.into()),
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
-    match run(cli.command) {
+    let result = match cli.command {
+        Command::Serve { settings } => serve(*settings),
+        command => run(command),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             // One line: the causes joined, no debug dump.
@@ -177,8 +192,38 @@ fn main() -> ExitCode {
     }
 }
 
+fn serve(settings: upscaler::Settings) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(upscaler::run(settings, shutdown_signal()))?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Completes on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}
+
 fn run(command: Command) -> anyhow::Result<()> {
     match command {
+        Command::Serve { .. } => unreachable!("handled in main"),
         Command::Upscale {
             input,
             output,

@@ -10,7 +10,7 @@ use image::DynamicImage;
 
 use crate::imaging::{self, ImagingError, OutputFormat, PixelWriter, Planes};
 use crate::model::tiling::{self, TileSink};
-use crate::model::{Model, ModelError, Progress, TileOptions};
+use crate::model::{Arch, Model, ModelError, Progress, TileOptions};
 
 /// Default working-memory budget for one forward pass when the tile size is automatic.
 pub const DEFAULT_TILE_MEMORY: u64 = 1 << 30;
@@ -76,11 +76,11 @@ impl Default for EnhanceOptions {
 
 impl EnhanceOptions {
     /// The tiling a run on an `h` x `w` image will use.
-    pub fn tile_options(&self, model: &Model, h: usize, w: usize) -> TileOptions {
+    pub fn tile_options(&self, arch: &Arch, h: usize, w: usize) -> TileOptions {
         let tile = match self.tile {
             TileSize::Fixed(t) => t,
             TileSize::Auto { memory_budget } => tiling::auto_tile(
-                &model.spec().arch,
+                arch,
                 memory_budget,
                 self.tile_pad,
                 h + self.pre_pad,
@@ -122,6 +122,24 @@ impl EnhanceOptions {
     }
 }
 
+/// Forward passes `enhance` makes on a `w` x `h` image: the tiles of one pass, twice when
+/// alpha goes through the network.
+pub fn planned_passes(
+    arch: &Arch,
+    opts: &EnhanceOptions,
+    w: usize,
+    h: usize,
+    has_alpha: bool,
+) -> usize {
+    let per_pass = tiling::tile_count(arch.scale(), h, w, &opts.tile_options(arch, h, w));
+    per_pass
+        * if has_alpha && opts.alpha == AlphaMode::Network {
+            2
+        } else {
+            1
+        }
+}
+
 struct WriterSink<'a> {
     writer: &'a mut PixelWriter,
     is_alpha: bool,
@@ -151,10 +169,10 @@ pub fn enhance(
     let planes = Planes::from_image(img);
     let (w, h) = (planes.width, planes.height);
     let resize_to = opts.output_size(scale, w, h)?;
-    let tiles = opts.tile_options(model, h, w);
+    let tiles = opts.tile_options(&model.spec().arch, h, w);
     let per_pass = tiling::tile_count(scale, h, w, &tiles);
     let alpha_via_net = planes.alpha.is_some() && opts.alpha == AlphaMode::Network;
-    let total = per_pass * if alpha_via_net { 2 } else { 1 };
+    let total = planned_passes(&model.spec().arch, opts, w, h, planes.alpha.is_some());
 
     let mut writer = PixelWriter::new(w * scale, h * scale, planes.mode, planes.depth);
     let to_tensor = |data: Vec<f32>| Tensor::from_vec(data, (1, 3, h, w), model.device());

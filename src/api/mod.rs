@@ -1,0 +1,145 @@
+//! The gRPC layer: the only module that names tonic or prost types. Every handler has the
+//! same shape: validate and convert the request into a core request, call `tasks`, convert
+//! the answer back; errors go through the one mapping in `status`.
+
+mod convert;
+mod server;
+mod status;
+
+use std::sync::Arc;
+
+use futures::StreamExt;
+use tokio::sync::{mpsc, OnceCell};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::tasks::{self, TaskService};
+pub use server::{run, serve, ServeError};
+
+pub mod pb {
+    tonic::include_proto!("upscaler.v1");
+
+    /// The encoded descriptors of `upscale.proto`, served by reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("upscaler_descriptor");
+}
+
+use pb::upload_image_request::Payload as UploadPayload;
+
+/// Server-stream buffers: small, so a slow client holds little memory and never the workers.
+const STREAM_BUFFER: usize = 4;
+
+pub struct UpscalerApi {
+    /// Set once the core has started (weights loaded, unfinished tasks recovered).
+    core: Arc<OnceCell<TaskService>>,
+}
+
+impl UpscalerApi {
+    pub fn new(core: Arc<OnceCell<TaskService>>) -> Self {
+        Self { core }
+    }
+
+    fn core(&self) -> Result<&TaskService, Status> {
+        self.core
+            .get()
+            .ok_or_else(|| Status::unavailable("the server is starting; retry shortly"))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::upscaler_server::Upscaler for UpscalerApi {
+    async fn upload_image(
+        &self,
+        request: Request<Streaming<pb::UploadImageRequest>>,
+    ) -> Result<Response<pb::UploadImageResponse>, Status> {
+        let core = self.core()?;
+        let mut stream = request.into_inner();
+        let first = stream.message().await?.ok_or_else(|| {
+            Status::invalid_argument("empty upload: the first message must carry metadata")
+        })?;
+        let meta = match first.payload {
+            Some(UploadPayload::Metadata(m)) => tasks::UploadMeta::try_from(m)?,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "the first message must carry metadata, not a chunk",
+                ))
+            }
+        };
+        let chunks = stream
+            .map(|msg| match msg {
+                Ok(pb::UploadImageRequest {
+                    payload: Some(UploadPayload::Chunk(bytes)),
+                }) => Ok(bytes),
+                Ok(_) => Err(tasks::Error::InvalidArgument(
+                    "only the first message may carry metadata; later ones carry chunks".into(),
+                )),
+                Err(status) => Err(tasks::Error::Aborted(status.message().to_string())),
+            })
+            .boxed();
+        let outcome = core.upload(meta, chunks).await.map_err(status::from_core)?;
+        Ok(Response::new(outcome.into()))
+    }
+
+    async fn get_task(
+        &self,
+        request: Request<pb::GetTaskRequest>,
+    ) -> Result<Response<pb::Task>, Status> {
+        let id = convert::task_id(&request.get_ref().task_id)?;
+        let task = self.core()?.get(id).await.map_err(status::from_core)?;
+        Ok(Response::new(task.into()))
+    }
+
+    type WatchTaskStream = ReceiverStream<Result<pb::Task, Status>>;
+
+    async fn watch_task(
+        &self,
+        request: Request<pb::WatchTaskRequest>,
+    ) -> Result<Response<Self::WatchTaskStream>, Status> {
+        let id = convert::task_id(&request.get_ref().task_id)?;
+        let mut updates = self.core()?.watch(id).await.map_err(status::from_core)?;
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        tokio::spawn(async move {
+            while let Some(task) = updates.next().await {
+                if tx.send(Ok(task.into())).await.is_err() {
+                    break; // the client left
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    type FetchProcessedStream = ReceiverStream<Result<pb::FetchProcessedResponse, Status>>;
+
+    async fn fetch_processed(
+        &self,
+        request: Request<pb::FetchProcessedRequest>,
+    ) -> Result<Response<Self::FetchProcessedStream>, Status> {
+        let name = &request.get_ref().file_name;
+        if name.is_empty() {
+            return Err(Status::invalid_argument("file_name is empty"));
+        }
+        let (meta, mut chunks) = self.core()?.fetch(name).await.map_err(status::from_core)?;
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        tokio::spawn(async move {
+            use pb::fetch_processed_response::Payload;
+            let first = pb::FetchProcessedResponse {
+                payload: Some(Payload::Metadata(meta.into())),
+            };
+            if tx.send(Ok(first)).await.is_err() {
+                return;
+            }
+            while let Some(chunk) = chunks.next().await {
+                let msg = chunk
+                    .map(|c| pb::FetchProcessedResponse {
+                        payload: Some(Payload::Chunk(c)),
+                    })
+                    .map_err(|e| status::from_core(e.into()));
+                let failed = msg.is_err();
+                if tx.send(msg).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}

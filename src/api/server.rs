@@ -1,0 +1,176 @@
+//! Server assembly: backends, the task service, health and reflection, and graceful
+//! shutdown through one signal.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::OnceCell;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic_health::ServingStatus;
+
+use super::pb::upscaler_server::UpscalerServer;
+use super::{pb, UpscalerApi};
+use crate::config::{ConfigError, Settings};
+use crate::locks::{memory::MemoryLocks, redis::RedisLocks, LockManager};
+use crate::store::{embedded::EmbeddedStore, mongo::MongoStore, ResultStore, TaskStore};
+use crate::tasks::TaskService;
+
+const SERVICE_NAME: &str = "upscaler.v1.Upscaler";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot listen on {addr}: {cause}")]
+    Bind { addr: String, cause: std::io::Error },
+    #[error("cannot start: {0}")]
+    Startup(String),
+    #[error("gRPC server failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Binds `settings.listen_addr` and serves until `shutdown` completes.
+pub async fn run(
+    settings: Settings,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let addr = settings.listen_addr;
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|cause| ServeError::Bind {
+            addr: addr.to_string(),
+            cause,
+        })?;
+    serve(settings, listener, shutdown).await
+}
+
+type Backends = (
+    Arc<dyn TaskStore>,
+    Arc<dyn ResultStore>,
+    Arc<dyn LockManager>,
+);
+
+async fn backends(settings: &Settings) -> Result<Backends, ServeError> {
+    let (tasks, results): (Arc<dyn TaskStore>, Arc<dyn ResultStore>) = match &settings.mongo_uri {
+        Some(uri) => {
+            let store = MongoStore::connect(uri, &settings.mongo_database, settings.task_ttl())
+                .await
+                .map_err(|e| ServeError::Startup(format!("MongoDB: {e}")))?;
+            tracing::info!(
+                database = settings.mongo_database,
+                "storing tasks and results in MongoDB"
+            );
+            let store = Arc::new(store);
+            (store.clone(), store)
+        }
+        None => {
+            let store = EmbeddedStore::open(&settings.data_dir).map_err(|e| {
+                ServeError::Startup(format!("DATA_DIR {}: {e}", settings.data_dir.display()))
+            })?;
+            tracing::info!(dir = %settings.data_dir.display(), "MONGO_URI unset: embedded store on local files");
+            let store = Arc::new(store);
+            (store.clone(), store)
+        }
+    };
+    let locks: Arc<dyn LockManager> = match &settings.redis_url {
+        Some(url) => {
+            let locks = RedisLocks::connect(url, &settings.redis_prefix)
+                .await
+                .map_err(|e| ServeError::Startup(format!("Redis: {e}")))?;
+            tracing::info!("file-name locks in Redis");
+            Arc::new(locks)
+        }
+        None => {
+            tracing::info!("REDIS_URL unset: in-process file-name locks");
+            Arc::new(MemoryLocks::new())
+        }
+    };
+    Ok((tasks, results, locks))
+}
+
+/// Serves on `listener` until `shutdown` completes. Health reports NOT_SERVING until the
+/// backends are connected and the default model is loaded, and again once shutdown begins.
+pub async fn serve(
+    settings: Settings,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    settings.validate()?;
+    let (health, health_service) = tonic_health::server::health_reporter();
+    set_health(&health, ServingStatus::NotServing).await;
+    // Both reflection versions: v1 for current clients, v1alpha for older ones (grpcurl 1.8).
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection()
+        .build_v1()
+        .map_err(|e| ServeError::Startup(format!("reflection: {e}")))?;
+    let reflection_v1alpha = reflection()
+        .build_v1alpha()
+        .map_err(|e| ServeError::Startup(format!("reflection: {e}")))?;
+
+    let core = Arc::new(OnceCell::new());
+    let (failed_tx, failed_rx) = tokio::sync::oneshot::channel::<ServeError>();
+    let starter = {
+        let (core, health, settings) = (core.clone(), health.clone(), settings.clone());
+        tokio::spawn(async move {
+            let started = async {
+                let (tasks, results, locks) = backends(&settings).await?;
+                TaskService::start(settings, tasks, results, locks)
+                    .await
+                    .map_err(|e| ServeError::Startup(e.to_string()))
+            };
+            match started.await {
+                Ok(service) => {
+                    let _ = core.set(service);
+                    set_health(&health, ServingStatus::Serving).await;
+                    tracing::info!("ready");
+                }
+                Err(e) => {
+                    let _ = failed_tx.send(e);
+                }
+            }
+        })
+    };
+
+    let startup_error = Arc::new(std::sync::Mutex::new(None));
+    let signal = {
+        let (core, health, startup_error) = (core.clone(), health.clone(), startup_error.clone());
+        async move {
+            tokio::select! {
+                _ = shutdown => tracing::info!("shutting down"),
+                Ok(e) = failed_rx => {
+                    *startup_error.lock().expect("poisoned") = Some(e);
+                }
+            }
+            set_health(&health, ServingStatus::NotServing).await;
+            starter.abort();
+            if let Some(service) = core.get() {
+                service.shutdown().await;
+            }
+        }
+    };
+
+    tracing::info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "listening");
+    tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(UpscalerServer::new(UpscalerApi::new(core)))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal)
+        .await?;
+    let failed = startup_error.lock().expect("poisoned").take();
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// Sets the overall status and the service's own: clients check either.
+async fn set_health(health: &tonic_health::server::HealthReporter, status: ServingStatus) {
+    health.set_service_status("", status).await;
+    health.set_service_status(SERVICE_NAME, status).await;
+}

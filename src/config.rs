@@ -1,0 +1,142 @@
+//! Service settings: built-in defaults, overridden by the environment (and a `.env` file,
+//! loaded by `main`), overridden by command-line flags. Validated once at start.
+//!
+//! The only module besides `main` that reads the environment (through clap's `env`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::model::registry;
+use crate::pipeline::TileSize;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct Settings {
+    /// Address the gRPC server listens on.
+    #[arg(long, env = "LISTEN_ADDR", default_value = "0.0.0.0:50051")]
+    pub listen_addr: SocketAddr,
+    /// Redis for file-name locks, e.g. redis://127.0.0.1:6379. Unset: in-process locks.
+    #[arg(long, env = "REDIS_URL")]
+    pub redis_url: Option<String>,
+    /// MongoDB for task records and results, e.g. mongodb://127.0.0.1:27017. Unset: files
+    /// under DATA_DIR.
+    #[arg(long, env = "MONGO_URI", hide_env_values = true)]
+    pub mongo_uri: Option<String>,
+    /// MongoDB database name.
+    #[arg(long, env = "MONGO_DATABASE", default_value = "upscaler")]
+    pub mongo_database: String,
+    /// Directory of the embedded store (used when MONGO_URI is unset).
+    #[arg(long, env = "DATA_DIR", default_value = "data")]
+    pub data_dir: PathBuf,
+    /// Directory for uploads waiting to be processed.
+    #[arg(long, env = "TEMP_DIR", default_value_os_t = std::env::temp_dir().join("upscaler"))]
+    pub temp_dir: PathBuf,
+    /// Directory holding `<model>.safetensors`.
+    #[arg(long, env = "UPSCALER_WEIGHTS_DIR", default_value = "weights")]
+    pub weights_dir: PathBuf,
+    /// Concurrent inference workers. Each inference already uses every core.
+    #[arg(long, env = "WORKERS", default_value_t = 1)]
+    pub workers: usize,
+    /// Tasks waiting for a worker before uploads are refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "QUEUE_CAPACITY", default_value_t = 64)]
+    pub queue_capacity: usize,
+    /// Largest accepted upload, in bytes.
+    #[arg(long, env = "MAX_UPLOAD_BYTES", default_value_t = 50 * 1024 * 1024)]
+    pub max_upload_bytes: u64,
+    /// Largest accepted image, in pixels (width x height).
+    #[arg(long, env = "MAX_PIXELS", default_value_t = crate::imaging::DEFAULT_MAX_PIXELS)]
+    pub max_pixels: u64,
+    /// Model used when an upload names none.
+    #[arg(long, env = "DEFAULT_MODEL", default_value = registry::DEFAULT_MODEL)]
+    pub default_model: String,
+    /// Tile size in input pixels (0 = whole image) or `auto` (fit TILE_MEMORY_MB).
+    #[arg(long, env = "TILE", default_value = "auto")]
+    pub tile: String,
+    /// Working-memory budget of one forward pass for automatic tiles, in MiB.
+    #[arg(long, env = "TILE_MEMORY_MB", default_value_t = crate::pipeline::DEFAULT_TILE_MEMORY >> 20)]
+    pub tile_memory_mb: u64,
+    /// Context read around each tile, in input pixels.
+    #[arg(long, env = "TILE_PAD", default_value_t = 10)]
+    pub tile_pad: usize,
+    /// How long finished task records are kept, in seconds (default 7 days).
+    #[arg(long, env = "TASK_TTL_SECS", default_value_t = 7 * 24 * 3600)]
+    pub task_ttl_secs: u64,
+    /// TTL of a file-name lock, in seconds; renewed every third of it while the task lives.
+    #[arg(long, env = "LOCK_TTL_SECS", default_value_t = 30)]
+    pub lock_ttl_secs: u64,
+    /// Prefix of the Redis keys this service uses.
+    #[arg(long, env = "REDIS_PREFIX", default_value = "upscaler")]
+    pub redis_prefix: String,
+    /// Log filter (tracing-subscriber syntax), e.g. `info` or `upscaler=debug`.
+    #[arg(long, env = "LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("invalid setting {name}: {reason}")]
+pub struct ConfigError {
+    pub name: &'static str,
+    pub reason: String,
+}
+
+fn invalid(name: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError {
+        name,
+        reason: reason.into(),
+    }
+}
+
+impl Settings {
+    /// Checks the values clap cannot, so a bad setting fails at start with its name.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.workers == 0 {
+            return Err(invalid("WORKERS", "must be at least 1"));
+        }
+        if self.queue_capacity == 0 {
+            return Err(invalid("QUEUE_CAPACITY", "must be at least 1"));
+        }
+        if self.max_upload_bytes == 0 || self.max_pixels == 0 {
+            return Err(invalid("MAX_UPLOAD_BYTES/MAX_PIXELS", "must be positive"));
+        }
+        if self.lock_ttl_secs < 3 {
+            return Err(invalid("LOCK_TTL_SECS", "must be at least 3 seconds"));
+        }
+        registry::find(&self.default_model).map_err(|e| invalid("DEFAULT_MODEL", e.to_string()))?;
+        self.tile_size()?;
+        Ok(())
+    }
+
+    pub fn tile_size(&self) -> Result<TileSize, ConfigError> {
+        match self.tile.as_str() {
+            "auto" => Ok(TileSize::Auto {
+                memory_budget: self.tile_memory_mb << 20,
+            }),
+            n => n
+                .parse()
+                .map(TileSize::Fixed)
+                .map_err(|_| invalid("TILE", format!("expected a number or `auto`, got `{n}`"))),
+        }
+    }
+
+    pub fn task_ttl(&self) -> Duration {
+        Duration::from_secs(self.task_ttl_secs)
+    }
+
+    pub fn lock_ttl(&self) -> Duration {
+        Duration::from_secs(self.lock_ttl_secs)
+    }
+
+    /// Settings for tests and embedding: defaults with the given directories.
+    pub fn for_dirs(data_dir: PathBuf, temp_dir: PathBuf, weights_dir: PathBuf) -> Self {
+        #[derive(clap::Parser)]
+        struct Wrapper {
+            #[command(flatten)]
+            settings: Settings,
+        }
+        let mut s = <Wrapper as clap::Parser>::parse_from(["upscaler"]).settings;
+        s.data_dir = data_dir;
+        s.temp_dir = temp_dir;
+        s.weights_dir = weights_dir;
+        s
+    }
+}

@@ -1,0 +1,392 @@
+//! The MongoDB store, for several service instances sharing task records and results.
+//!
+//! - `tasks`: one document per task, `_id` = task id, the `TaskRecord` fields plus an
+//!   `expires_at` date that a TTL index (`expireAfterSeconds: 0`) uses to delete finished
+//!   tasks, so no instance has to purge.
+//! - `results`: one document per file name, `_id` = file name, the `ResultMeta` fields plus
+//!   `blob_id`, the GridFS file holding the bytes.
+//! - GridFS bucket `results`: the bytes, because results can exceed the 16 MB document limit.
+//!
+//! A result is replaced by uploading the new blob, then swapping the `results` document in
+//! one findAndModify, then deleting the old blob: readers see the old or the new result.
+
+use std::time::Duration;
+
+use futures::io::AsyncWriteExt;
+use futures::TryStreamExt;
+use mongodb::bson::{self, doc, oid::ObjectId, Bson, Document};
+use mongodb::error::{ErrorKind, GridFsErrorKind, WriteFailure};
+use mongodb::gridfs::{GridFsBucket, GridFsDownloadStream};
+use mongodb::options::{ClientOptions, GridFsBucketOptions, IndexOptions, ReturnDocument};
+use mongodb::{Client, Collection, IndexModel};
+
+use super::{check_size, read_chunks, ChunkStream, ResultStore, StoreError, TaskStore};
+use crate::tasks::types::{now_ms, ResultMeta, TaskRecord};
+
+/// Bounds server selection and connecting, so a dead server fails calls instead of hanging.
+const TIMEOUT: Duration = Duration::from_secs(5);
+const BUCKET: &str = "results";
+/// 9999-12-31T23:59:59.999Z.
+const MAX_DATE_MS: i64 = 253_402_300_799_999;
+/// MongoDB's duplicate-key error code.
+const DUPLICATE_KEY: i32 = 11000;
+
+pub struct MongoStore {
+    tasks: Collection<Document>,
+    results: Collection<Document>,
+    bucket: GridFsBucket,
+    /// Keeps a finished task that carries no `expires_at_ms` from living forever.
+    task_ttl: Duration,
+}
+
+impl MongoStore {
+    /// Connects, PINGs and creates the indexes, failing within seconds (with the URI's
+    /// password masked) if the server is unreachable or the URI is wrong. Timeouts given in
+    /// the URI win over the defaults here. `task_ttl` only dates finished records that arrive
+    /// without their own `expires_at_ms`.
+    pub async fn connect(
+        uri: &str,
+        database: &str,
+        task_ttl: Duration,
+    ) -> Result<Self, StoreError> {
+        let shown = redact_uri(uri);
+        let password = uri_password(uri);
+        let scrub = |e: mongodb::error::Error| match password {
+            Some(pw) if !pw.is_empty() => e.to_string().replace(pw, "***"),
+            _ => e.to_string(),
+        };
+        let mut options = ClientOptions::parse(uri).await.map_err(|e| {
+            StoreError::Unavailable(format!("invalid MongoDB URI {shown}: {}", scrub(e)))
+        })?;
+        options.server_selection_timeout.get_or_insert(TIMEOUT);
+        options.connect_timeout.get_or_insert(TIMEOUT);
+        options
+            .app_name
+            .get_or_insert_with(|| "upscaler".to_owned());
+        let client = Client::with_options(options).map_err(|e| {
+            StoreError::Unavailable(format!("MongoDB client for {shown}: {}", scrub(e)))
+        })?;
+        let db = client.database(database);
+        db.run_command(doc! { "ping": 1 }).await.map_err(|e| {
+            StoreError::Unavailable(format!("cannot reach MongoDB at {shown}: {}", scrub(e)))
+        })?;
+
+        let tasks = db.collection::<Document>("tasks");
+        let indexes = [
+            IndexModel::builder()
+                .keys(doc! { "expires_at": 1 })
+                .options(
+                    IndexOptions::builder()
+                        .name("expires_at_ttl".to_owned())
+                        .expire_after(Duration::ZERO)
+                        .build(),
+                )
+                .build(),
+            // Start-up recovery asks for unfinished tasks; without this it scans them all.
+            IndexModel::builder().keys(doc! { "state": 1 }).build(),
+        ];
+        tasks.create_indexes(indexes).await.map_err(|e| {
+            StoreError::Unavailable(format!(
+                "cannot create the indexes of {database}.tasks: {}",
+                scrub(e)
+            ))
+        })?;
+
+        let bucket = db.gridfs_bucket(
+            GridFsBucketOptions::builder()
+                .bucket_name(BUCKET.to_owned())
+                .build(),
+        );
+        Ok(Self {
+            tasks,
+            results: db.collection("results"),
+            bucket,
+            task_ttl,
+        })
+    }
+
+    fn task_doc(&self, task: &TaskRecord) -> Result<Document, StoreError> {
+        let mut doc = bson::to_document(task)
+            .map_err(|e| StoreError::Corrupt(format!("task {}: {e}", task.id)))?;
+        doc.insert("_id", task.id.as_str());
+        let expires_at_ms = task.expires_at_ms.or_else(|| {
+            let ttl = i64::try_from(self.task_ttl.as_millis()).unwrap_or(i64::MAX);
+            task.state.is_terminal().then(|| {
+                task.finished_at_ms
+                    .unwrap_or_else(now_ms)
+                    .saturating_add(ttl)
+            })
+        });
+        if let Some(ms) = expires_at_ms {
+            // Dates past year 9999 are valid BSON but break servers and tools that convert
+            // them to calendar dates; that far out is "never" anyway.
+            let ms = ms.clamp(0, MAX_DATE_MS);
+            doc.insert("expires_at", bson::DateTime::from_millis(ms));
+        }
+        Ok(doc)
+    }
+
+    async fn open_blob(&self, id: ObjectId) -> Result<Option<GridFsDownloadStream>, StoreError> {
+        match self.bucket.open_download_stream(Bson::ObjectId(id)).await {
+            Ok(stream) => Ok(Some(stream)),
+            Err(e)
+                if matches!(
+                    *e.kind,
+                    ErrorKind::GridFs(GridFsErrorKind::FileNotFound { .. })
+                ) =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(driver_error("opening a result blob", e)),
+        }
+    }
+
+    async fn delete_blob(&self, id: ObjectId) {
+        match self.bucket.delete(Bson::ObjectId(id)).await {
+            Err(e)
+                if !matches!(
+                    *e.kind,
+                    ErrorKind::GridFs(GridFsErrorKind::FileNotFound { .. })
+                ) =>
+            {
+                tracing::warn!("cannot delete result blob {id}: {e}");
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The driver's errors that mean the data, not the server, is wrong become `Corrupt`;
+/// everything else (network, timeouts, server errors) is `Unavailable`.
+fn driver_error(what: &str, e: mongodb::error::Error) -> StoreError {
+    let corrupt = matches!(
+        *e.kind,
+        ErrorKind::BsonDeserialization(_)
+            | ErrorKind::BsonSerialization(_)
+            | ErrorKind::InvalidResponse { .. }
+            | ErrorKind::GridFs(
+                GridFsErrorKind::MissingChunk { .. }
+                    | GridFsErrorKind::WrongSizeChunk { .. }
+                    | GridFsErrorKind::WrongNumberOfChunks { .. }
+            )
+    );
+    if corrupt {
+        StoreError::Corrupt(format!("{what}: {e}"))
+    } else {
+        StoreError::Unavailable(format!("MongoDB, {what}: {e}"))
+    }
+}
+
+fn is_duplicate_key(e: &mongodb::error::Error) -> bool {
+    matches!(&*e.kind, ErrorKind::Write(WriteFailure::WriteError(w)) if w.code == DUPLICATE_KEY)
+}
+
+fn task_from_doc(doc: Document) -> Result<TaskRecord, StoreError> {
+    let id = doc.get("_id").cloned();
+    bson::from_document(doc).map_err(|e| StoreError::Corrupt(format!("task {id:?}: {e}")))
+}
+
+fn result_from_doc(file_name: &str, doc: &Document) -> Result<(ResultMeta, ObjectId), StoreError> {
+    let blob = doc
+        .get_object_id("blob_id")
+        .map_err(|e| StoreError::Corrupt(format!("result {file_name}: blob_id: {e}")))?;
+    let meta = bson::from_document(doc.clone())
+        .map_err(|e| StoreError::Corrupt(format!("result {file_name}: {e}")))?;
+    Ok((meta, blob))
+}
+
+#[async_trait::async_trait]
+impl TaskStore for MongoStore {
+    async fn insert(&self, task: &TaskRecord) -> Result<(), StoreError> {
+        match self.tasks.insert_one(self.task_doc(task)?).await {
+            Ok(_) => Ok(()),
+            Err(e) if is_duplicate_key(&e) => Err(StoreError::Duplicate(task.id.clone())),
+            Err(e) => Err(driver_error("inserting a task", e)),
+        }
+    }
+
+    async fn put(&self, task: &TaskRecord) -> Result<(), StoreError> {
+        self.tasks
+            .replace_one(doc! { "_id": task.id.as_str() }, self.task_doc(task)?)
+            .upsert(true)
+            .await
+            .map_err(|e| driver_error("saving a task", e))?;
+        Ok(())
+    }
+
+    async fn get(&self, id: &str) -> Result<Option<TaskRecord>, StoreError> {
+        self.tasks
+            .find_one(doc! { "_id": id })
+            .await
+            .map_err(|e| driver_error("reading a task", e))?
+            .map(task_from_doc)
+            .transpose()
+    }
+
+    async fn delete(&self, id: &str) -> Result<(), StoreError> {
+        self.tasks
+            .delete_one(doc! { "_id": id })
+            .await
+            .map_err(|e| driver_error("deleting a task", e))?;
+        Ok(())
+    }
+
+    async fn unfinished(&self) -> Result<Vec<TaskRecord>, StoreError> {
+        let docs: Vec<Document> = self
+            .tasks
+            .find(doc! { "state": { "$in": ["PENDING", "STARTED"] } })
+            .await
+            .map_err(|e| driver_error("listing unfinished tasks", e))?
+            .try_collect()
+            .await
+            .map_err(|e| driver_error("listing unfinished tasks", e))?;
+        docs.into_iter().map(task_from_doc).collect()
+    }
+
+    async fn purge_expired(&self, _now_ms: i64) -> Result<u64, StoreError> {
+        // The TTL index on `expires_at` deletes them on the server.
+        Ok(0)
+    }
+}
+
+#[async_trait::async_trait]
+impl ResultStore for MongoStore {
+    async fn meta(&self, file_name: &str) -> Result<Option<ResultMeta>, StoreError> {
+        let doc = self
+            .results
+            .find_one(doc! { "_id": file_name })
+            .await
+            .map_err(|e| driver_error("reading a result", e))?;
+        doc.map(|doc| result_from_doc(file_name, &doc).map(|(meta, _)| meta))
+            .transpose()
+    }
+
+    async fn put(&self, meta: &ResultMeta, bytes: Vec<u8>) -> Result<(), StoreError> {
+        check_size(meta, bytes.len())?;
+        let mut upload = self
+            .bucket
+            .open_upload_stream(&meta.file_name)
+            .await
+            .map_err(|e| driver_error("uploading a result", e))?;
+        let blob = upload.id().as_object_id();
+        let uploaded = async {
+            upload.write_all(&bytes).await?;
+            upload.close().await
+        }
+        .await;
+        if let Err(e) = uploaded {
+            let _ = upload.abort().await;
+            return Err(StoreError::Unavailable(format!(
+                "MongoDB, uploading result {}: {e}",
+                meta.file_name
+            )));
+        }
+        let Some(blob) = blob else {
+            return Err(StoreError::Corrupt(
+                "GridFS gave a non-ObjectId file id".into(),
+            ));
+        };
+
+        let mut doc = bson::to_document(meta)
+            .map_err(|e| StoreError::Corrupt(format!("result {}: {e}", meta.file_name)))?;
+        doc.insert("_id", meta.file_name.as_str());
+        doc.insert("blob_id", blob);
+        // findAndModify swaps and returns the old document in one step, so two concurrent
+        // puts each delete exactly the blob they replaced.
+        let old = match self
+            .results
+            .find_one_and_replace(doc! { "_id": meta.file_name.as_str() }, doc)
+            .upsert(true)
+            .return_document(ReturnDocument::Before)
+            .await
+        {
+            Ok(old) => old,
+            Err(e) => {
+                self.delete_blob(blob).await;
+                return Err(driver_error("saving a result", e));
+            }
+        };
+        if let Some(old_blob) = old.and_then(|old| old.get_object_id("blob_id").ok()) {
+            if old_blob != blob {
+                self.delete_blob(old_blob).await;
+            }
+        }
+        Ok(())
+    }
+
+    async fn open(&self, file_name: &str) -> Result<Option<(ResultMeta, ChunkStream)>, StoreError> {
+        // A concurrent `put` may delete the blob between our read of the document and the
+        // open; the document read again then names the new blob.
+        for attempt in 0..2 {
+            let doc = self
+                .results
+                .find_one(doc! { "_id": file_name })
+                .await
+                .map_err(|e| driver_error("reading a result", e))?;
+            let Some(doc) = doc else {
+                return Ok(None);
+            };
+            let (meta, blob) = result_from_doc(file_name, &doc)?;
+            match self.open_blob(blob).await? {
+                Some(stream) => {
+                    let chunks = read_chunks(stream, meta.size, file_name, move |e| {
+                        StoreError::Unavailable(format!("MongoDB, reading result: {e}"))
+                    });
+                    return Ok(Some((meta, chunks)));
+                }
+                None if attempt == 0 => continue,
+                None => {
+                    return Err(StoreError::Corrupt(format!(
+                        "result {file_name}: GridFS file {blob} is missing"
+                    )))
+                }
+            }
+        }
+        Err(StoreError::Corrupt(format!(
+            "result {file_name} kept being replaced while opening it"
+        )))
+    }
+}
+
+/// The password in a `mongodb://user:password@host` URI, as written there.
+fn uri_password(uri: &str) -> Option<&str> {
+    let rest = uri.split_once("://")?.1;
+    let authority = &rest[..rest.find(['/', '?']).unwrap_or(rest.len())];
+    let userinfo = &authority[..authority.rfind('@')?];
+    userinfo.split_once(':').map(|(_, password)| password)
+}
+
+/// The URI with its password masked, for error messages and logs.
+fn redact_uri(uri: &str) -> String {
+    match uri_password(uri) {
+        Some(password) => {
+            // The password sits right before the last '@' of the authority.
+            let rest_at = uri.find("://").map_or(0, |i| i + 3);
+            let authority_end = uri[rest_at..]
+                .find(['/', '?'])
+                .map_or(uri.len(), |i| rest_at + i);
+            let at = uri[..authority_end].rfind('@').unwrap_or(authority_end);
+            format!("{}***{}", &uri[..at - password.len()], &uri[at..])
+        }
+        None => uri.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redact_masks_only_the_password() {
+        assert_eq!(
+            redact_uri("mongodb://app:p@ss@h1:27017,h2/db?authSource=admin"),
+            "mongodb://app:***@h1:27017,h2/db?authSource=admin"
+        );
+        assert_eq!(
+            redact_uri("mongodb://h1:27017/?directConnection=true"),
+            "mongodb://h1:27017/?directConnection=true"
+        );
+        assert_eq!(redact_uri("mongodb://app@h1"), "mongodb://app@h1");
+        assert_eq!(uri_password("mongodb+srv://a:b@c?x=y"), Some("b"));
+    }
+}

@@ -1,0 +1,99 @@
+//! The task and result records shared by the task service and the stores.
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum TaskState {
+    Pending,
+    Started,
+    Success,
+    Failure,
+}
+
+impl TaskState {
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Self::Success | Self::Failure)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ResultFormat {
+    #[default]
+    Png,
+    Jpeg,
+}
+
+/// What the client asked for, besides the bytes. Together with the source hash it decides
+/// whether a stored result can be reused.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobOptions {
+    pub model: String,
+    pub outscale: Option<f64>,
+    /// Tile size in input pixels; `None` uses the server's setting.
+    pub tile: Option<u32>,
+    pub format: ResultFormat,
+}
+
+impl JobOptions {
+    /// Hex sha256 over the source hash and every option that changes the output pixels.
+    pub fn fingerprint(&self, source_sha256: &str) -> String {
+        let text = format!(
+            "v1|{source_sha256}|{}|{:?}|{:?}|{:?}",
+            self.model, self.outscale, self.tile, self.format
+        );
+        hex(&Sha256::digest(text.as_bytes()))
+    }
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskRecord {
+    pub id: String,
+    pub state: TaskState,
+    pub file_name: String,
+    pub options: JobOptions,
+    pub source_sha256: String,
+    pub tiles_done: u32,
+    pub tiles_total: u32,
+    pub error: Option<String>,
+    pub input_width: u32,
+    pub input_height: u32,
+    pub output_width: u32,
+    pub output_height: u32,
+    pub created_at_ms: i64,
+    pub started_at_ms: Option<i64>,
+    pub finished_at_ms: Option<i64>,
+    /// When a finished task's record may be deleted.
+    pub expires_at_ms: Option<i64>,
+}
+
+/// Description of a stored result. One per file name.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResultMeta {
+    pub file_name: String,
+    pub content_type: String,
+    pub size: u64,
+    pub width: u32,
+    pub height: u32,
+    /// Hex sha256 of the result bytes.
+    pub sha256: String,
+    /// `JobOptions::fingerprint` of the upload that produced it.
+    pub fingerprint: String,
+    pub model: String,
+    pub task_id: String,
+    pub created_at_ms: i64,
+}
