@@ -408,7 +408,7 @@ fn automatic_tiles_fit_the_budget_and_match_the_whole_image() {
         ..opts(0, 0, 0)
     };
     assert!(
-        auto.tile_options(&model, 40, 48).tile > 0,
+        auto.tile_options(&model.spec().arch, 40, 48).tile > 0,
         "budget forces tiling"
     );
     let tiled = enhance(&model, &img, &auto, &mut go()).unwrap();

@@ -1,0 +1,574 @@
+//! Contract tests of the storage and lock backends: each behaviour is written once against
+//! the traits and run on the embedded/in-memory backends and on real MongoDB and Redis.
+//!
+//! Real servers come from `UPSCALER_TEST_MONGO_URI` and `UPSCALER_TEST_REDIS_URL`. Unset, those
+//! tests print SKIPPED, except under `CI`, where a missing server must fail the build rather
+//! than quietly test less. Each test uses its own database / key prefix.
+
+use std::collections::BTreeSet;
+use std::panic::AssertUnwindSafe;
+use std::time::{Duration, Instant};
+
+use futures::{FutureExt, StreamExt};
+use upscaler::locks::{memory::MemoryLocks, redis::RedisLocks, Acquire, LockManager};
+use upscaler::store::{
+    embedded::EmbeddedStore, mongo::MongoStore, ResultStore, StoreError, TaskStore, CHUNK_SIZE,
+};
+use upscaler::tasks::types::{JobOptions, ResultFormat, ResultMeta, TaskRecord, TaskState};
+
+const MONGO_VAR: &str = "UPSCALER_TEST_MONGO_URI";
+const REDIS_VAR: &str = "UPSCALER_TEST_REDIS_URL";
+const MIB: usize = 1 << 20;
+
+// ---------------------------------------------------------------- fixtures
+
+fn server(var: &str) -> Option<String> {
+    match std::env::var(var) {
+        Ok(value) if !value.trim().is_empty() => Some(value),
+        _ if std::env::var_os("CI").is_some() => {
+            panic!("{var} is not set: CI must run the backend tests against a real server")
+        }
+        _ => {
+            // Straight to the process's stderr: libtest would swallow `eprintln!` of a
+            // passing test, and a skip must be seen.
+            let line =
+                format!("\n***** SKIPPED: no real server; set {var} to run this test *****\n");
+            let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
+            None
+        }
+    }
+}
+
+fn unique() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
+}
+
+fn task(state: TaskState, expires_at_ms: Option<i64>) -> TaskRecord {
+    TaskRecord {
+        id: uuid::Uuid::new_v4().to_string(),
+        state,
+        file_name: format!("{}.png", unique()),
+        options: JobOptions {
+            model: "RealESRGAN_x4plus".into(),
+            outscale: Some(2.5),
+            tile: None,
+            format: ResultFormat::Png,
+        },
+        source_sha256: "ab".repeat(32),
+        tiles_done: 0,
+        tiles_total: 4,
+        error: None,
+        input_width: 64,
+        input_height: 48,
+        output_width: 256,
+        output_height: 192,
+        created_at_ms: 1_700_000_000_000,
+        started_at_ms: None,
+        finished_at_ms: state.is_terminal().then_some(1_700_000_100_000),
+        expires_at_ms,
+    }
+}
+
+fn meta(file_name: &str, bytes: &[u8]) -> ResultMeta {
+    ResultMeta {
+        file_name: file_name.into(),
+        content_type: "image/png".into(),
+        size: bytes.len() as u64,
+        width: 256,
+        height: 192,
+        sha256: unique(),
+        fingerprint: unique(),
+        model: "RealESRGAN_x4plus".into(),
+        task_id: unique(),
+        created_at_ms: 1_700_000_000_000,
+    }
+}
+
+/// Incompressible test bytes without a `rand` dependency (xorshift64*).
+fn random_bytes(len: usize) -> Vec<u8> {
+    let mut state = uuid::Uuid::new_v4().as_u64_pair().0 | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        out.extend_from_slice(&state.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Reads a stored result back, checking the chunk-size contract on the way.
+async fn read_back(store: &dyn ResultStore, name: &str) -> Option<(ResultMeta, Vec<u8>)> {
+    let (meta, mut chunks) = store.open(name).await.expect("open")?;
+    let mut bytes = Vec::new();
+    while let Some(chunk) = chunks.next().await {
+        let chunk = chunk.expect("chunk");
+        assert!(
+            !chunk.is_empty() && chunk.len() <= CHUNK_SIZE,
+            "chunk of {}",
+            chunk.len()
+        );
+        bytes.extend_from_slice(&chunk);
+    }
+    Some((meta, bytes))
+}
+
+// ---------------------------------------------------------------- behaviours
+
+async fn task_lifecycle(store: &dyn TaskStore) {
+    let mut t = task(TaskState::Pending, None);
+    assert!(store.get(&t.id).await.unwrap().is_none());
+    store.insert(&t).await.unwrap();
+    assert_eq!(store.get(&t.id).await.unwrap().as_ref(), Some(&t));
+
+    let again = store.insert(&t).await;
+    assert!(
+        matches!(again, Err(StoreError::Duplicate(ref id)) if *id == t.id),
+        "{again:?}"
+    );
+
+    t.state = TaskState::Success;
+    t.tiles_done = 4;
+    t.finished_at_ms = Some(1_700_000_200_000);
+    t.expires_at_ms = Some(1_700_600_000_000);
+    t.error = Some("not really".into());
+    store.put(&t).await.unwrap();
+    assert_eq!(store.get(&t.id).await.unwrap().as_ref(), Some(&t));
+
+    let fresh = task(TaskState::Started, None);
+    store.put(&fresh).await.unwrap();
+    assert_eq!(store.get(&fresh.id).await.unwrap().as_ref(), Some(&fresh));
+
+    store.delete(&t.id).await.unwrap();
+    assert!(store.get(&t.id).await.unwrap().is_none());
+    store.delete(&t.id).await.unwrap();
+    assert_eq!(store.get(&fresh.id).await.unwrap().as_ref(), Some(&fresh));
+}
+
+async fn unfinished_tasks(store: &dyn TaskStore) {
+    // Records other behaviours left behind may be listed too: compare against a baseline.
+    let before: BTreeSet<String> = unfinished_ids(store).await;
+    let pending = task(TaskState::Pending, None);
+    let started = task(TaskState::Started, None);
+    for t in [&pending, &started] {
+        store.insert(t).await.unwrap();
+    }
+    for state in [TaskState::Success, TaskState::Failure] {
+        store.insert(&task(state, Some(i64::MAX))).await.unwrap();
+    }
+    let mut expected = before;
+    expected.extend([pending.id.clone(), started.id]);
+    assert_eq!(unfinished_ids(store).await, expected);
+
+    let mut done = pending;
+    done.state = TaskState::Success;
+    TaskStore::put(store, &done).await.unwrap();
+    expected.remove(&done.id);
+    assert_eq!(unfinished_ids(store).await, expected);
+}
+
+async fn unfinished_ids(store: &dyn TaskStore) -> BTreeSet<String> {
+    let tasks = store.unfinished().await.unwrap();
+    assert!(tasks.iter().all(|t| !t.state.is_terminal()), "{tasks:?}");
+    tasks.into_iter().map(|t| t.id).collect()
+}
+
+async fn result_roundtrip(store: &dyn ResultStore) {
+    let name = format!("{}.png", unique());
+    assert!(store.meta(&name).await.unwrap().is_none());
+    assert!(read_back(store, &name).await.is_none());
+
+    let first = random_bytes(2 * MIB + 12345);
+    let first_meta = meta(&name, &first);
+    store.put(&first_meta, first.clone()).await.unwrap();
+    assert_eq!(store.meta(&name).await.unwrap().as_ref(), Some(&first_meta));
+    let (got_meta, got) = read_back(store, &name).await.unwrap();
+    assert_eq!(got_meta, first_meta);
+    assert!(got == first, "first result differs");
+
+    let second = random_bytes(MIB / 3);
+    let second_meta = meta(&name, &second);
+    store.put(&second_meta, second.clone()).await.unwrap();
+    assert_eq!(
+        store.meta(&name).await.unwrap().as_ref(),
+        Some(&second_meta)
+    );
+    let (got_meta, got) = read_back(store, &name).await.unwrap();
+    assert_eq!(got_meta, second_meta);
+    assert!(got == second, "replaced result differs");
+
+    let empty_name = format!("{}.png", unique());
+    store
+        .put(&meta(&empty_name, &[]), Vec::new())
+        .await
+        .unwrap();
+    assert_eq!(
+        read_back(store, &empty_name).await.unwrap().1,
+        Vec::<u8>::new()
+    );
+
+    let mut lying = meta(&name, &first);
+    lying.size += 1;
+    assert!(
+        store.put(&lying, first).await.is_err(),
+        "size mismatch accepted"
+    );
+    assert_eq!(read_back(store, &name).await.unwrap().1, second);
+}
+
+async fn large_result(store: &dyn ResultStore) {
+    let name = format!("{}.png", unique());
+    let bytes = random_bytes(17 * MIB);
+    store
+        .put(&meta(&name, &bytes), bytes.clone())
+        .await
+        .unwrap();
+    let (_, mut chunks) = store.open(&name).await.unwrap().unwrap();
+    let (mut got, mut count) = (Vec::new(), 0);
+    while let Some(chunk) = chunks.next().await {
+        let chunk = chunk.unwrap();
+        assert!(chunk.len() <= CHUNK_SIZE);
+        got.extend_from_slice(&chunk);
+        count += 1;
+    }
+    assert_eq!(count, 17);
+    assert!(got == bytes, "17 MiB result differs");
+}
+
+/// Readers racing a writer that keeps replacing one result see one version or the other.
+async fn replace_while_reading(store: &dyn ResultStore) {
+    let name = format!("{}.png", unique());
+    let versions = [random_bytes(MIB + 7), random_bytes(2 * MIB + 3)];
+    store
+        .put(&meta(&name, &versions[0]), versions[0].clone())
+        .await
+        .unwrap();
+    let writer = async {
+        for i in 1..=10 {
+            let bytes = &versions[i % 2];
+            store.put(&meta(&name, bytes), bytes.clone()).await.unwrap();
+        }
+    };
+    let reader = async {
+        for _ in 0..10 {
+            let (meta, bytes) = read_back(store, &name).await.expect("result vanished");
+            assert!(versions.contains(&bytes), "read a mix of versions");
+            assert_eq!(meta.size, bytes.len() as u64);
+        }
+    };
+    futures::join!(writer, reader);
+}
+
+async fn lock_contract(locks: &dyn LockManager) {
+    let name = format!("{}.png", unique());
+    let ttl = Duration::from_secs(30);
+    assert_eq!(locks.holder(&name).await.unwrap(), None);
+    assert_eq!(
+        locks.acquire(&name, "a", ttl).await.unwrap(),
+        Acquire::Acquired
+    );
+    assert_eq!(locks.holder(&name).await.unwrap().as_deref(), Some("a"));
+    assert_eq!(
+        locks.acquire(&name, "b", ttl).await.unwrap(),
+        Acquire::HeldBy("a".into())
+    );
+    assert!(locks.renew(&name, "a", ttl).await.unwrap());
+    assert!(!locks.renew(&name, "b", ttl).await.unwrap());
+    assert!(!locks.release(&name, "b").await.unwrap());
+    assert_eq!(locks.holder(&name).await.unwrap().as_deref(), Some("a"));
+    assert!(locks.release(&name, "a").await.unwrap());
+    assert_eq!(locks.holder(&name).await.unwrap(), None);
+    assert!(!locks.release(&name, "a").await.unwrap());
+    assert!(!locks.renew(&name, "a", ttl).await.unwrap());
+    assert_eq!(
+        locks.acquire(&name, "b", ttl).await.unwrap(),
+        Acquire::Acquired
+    );
+    assert!(locks.release(&name, "b").await.unwrap());
+}
+
+/// A lock nobody renews frees itself after `ttl`; its old holder can no longer touch it.
+async fn lock_expiry(locks: &dyn LockManager, ttl: Duration) {
+    let name = format!("{}.png", unique());
+    assert_eq!(
+        locks.acquire(&name, "a", ttl).await.unwrap(),
+        Acquire::Acquired
+    );
+    tokio::time::sleep(ttl * 2).await;
+    assert_eq!(locks.holder(&name).await.unwrap(), None);
+    assert!(!locks.renew(&name, "a", ttl).await.unwrap());
+    assert_eq!(
+        locks.acquire(&name, "b", ttl).await.unwrap(),
+        Acquire::Acquired
+    );
+    assert!(!locks.release(&name, "a").await.unwrap());
+    assert_eq!(locks.holder(&name).await.unwrap().as_deref(), Some("b"));
+}
+
+/// Renewing pushes the expiry out: the lock outlives its first TTL.
+async fn lock_renewal(locks: &dyn LockManager) {
+    let name = format!("{}.png", unique());
+    let ttl = Duration::from_millis(1000);
+    assert_eq!(
+        locks.acquire(&name, "a", ttl).await.unwrap(),
+        Acquire::Acquired
+    );
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(locks.renew(&name, "a", ttl).await.unwrap());
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(locks.holder(&name).await.unwrap().as_deref(), Some("a"));
+    assert!(locks.release(&name, "a").await.unwrap());
+}
+
+// ---------------------------------------------------------------- embedded / in-memory
+
+#[tokio::test]
+async fn embedded_tasks() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(&dir.path().join("data")).unwrap();
+    task_lifecycle(&store).await;
+    unfinished_tasks(&store).await;
+}
+
+#[tokio::test]
+async fn embedded_purges_expired_tasks() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(dir.path()).unwrap();
+    let old = task(TaskState::Success, Some(1_000));
+    let young = task(TaskState::Failure, Some(3_000));
+    let forever = task(TaskState::Pending, None);
+    for t in [&old, &young, &forever] {
+        store.insert(t).await.unwrap();
+    }
+    assert_eq!(store.purge_expired(2_000).await.unwrap(), 1);
+    assert!(store.get(&old.id).await.unwrap().is_none());
+    assert!(store.get(&young.id).await.unwrap().is_some());
+    assert!(store.get(&forever.id).await.unwrap().is_some());
+    assert_eq!(store.purge_expired(2_000).await.unwrap(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_results() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(dir.path()).unwrap();
+    result_roundtrip(&store).await;
+    large_result(&store).await;
+    replace_while_reading(&store).await;
+}
+
+#[tokio::test]
+async fn embedded_names_never_reach_the_file_system() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("store");
+    let store = EmbeddedStore::open(&root).unwrap();
+    let mut evil = task(TaskState::Pending, None);
+    evil.id = "../../escaped".into();
+    store.insert(&evil).await.unwrap();
+    let bytes = random_bytes(1000);
+    for _ in 0..2 {
+        ResultStore::put(&store, &meta("../escaped.png", &bytes), bytes.clone())
+            .await
+            .unwrap();
+    }
+    assert_eq!(store.get("../../escaped").await.unwrap(), Some(evil));
+
+    let outside: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+    assert_eq!(
+        outside.len(),
+        1,
+        "files written outside the store: {outside:?}"
+    );
+    let mut blobs = 0;
+    for sub in ["tasks", "results"] {
+        for entry in std::fs::read_dir(root.join(sub)).unwrap() {
+            let name = entry.unwrap().file_name().into_string().unwrap();
+            let hash = name.split('.').next().unwrap();
+            assert!(
+                hash.len() == 64 && hash.bytes().all(|b| b.is_ascii_hexdigit()),
+                "{name}"
+            );
+            blobs += usize::from(name.ends_with(".blob"));
+        }
+    }
+    assert_eq!(blobs, 1, "the replaced blob was not deleted");
+}
+
+#[tokio::test]
+async fn embedded_ignores_and_sweeps_leftovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(dir.path()).unwrap();
+    let t = task(TaskState::Started, None);
+    store.insert(&t).await.unwrap();
+    let stray_task = dir.path().join("tasks/.tmp-crashed");
+    let stray_result = dir.path().join("results/.tmp-crashed");
+    let orphan_blob = dir
+        .path()
+        .join(format!("results/{}.{}.blob", "0".repeat(64), unique()));
+    for path in [&stray_task, &stray_result, &orphan_blob] {
+        std::fs::write(path, b"{ torn").unwrap();
+    }
+    let ids: Vec<String> = store
+        .unfinished()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|t| t.id)
+        .collect();
+    assert_eq!(ids, vec![t.id.clone()]);
+    assert_eq!(store.purge_expired(i64::MAX).await.unwrap(), 0);
+
+    drop(store);
+    let reopened = EmbeddedStore::open(dir.path()).unwrap();
+    for path in [&stray_task, &stray_result, &orphan_blob] {
+        assert!(!path.exists(), "{} survived reopening", path.display());
+    }
+    assert_eq!(reopened.get(&t.id).await.unwrap(), Some(t));
+}
+
+#[tokio::test]
+async fn memory_locks() {
+    let locks = MemoryLocks::new();
+    lock_contract(&locks).await;
+    // Real time: the crate's tokio lacks the `test-util` feature that `time::pause` needs.
+    lock_expiry(&locks, Duration::from_millis(50)).await;
+    lock_renewal(&locks).await;
+}
+
+// ---------------------------------------------------------------- real servers
+
+/// Runs `body` against a fresh database, dropping it afterwards even if `body` panics.
+async fn with_mongo<F, Fut>(body: F)
+where
+    F: FnOnce(MongoStore, mongodb::Database) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let Some(uri) = server(MONGO_VAR) else { return };
+    let name = format!("upscaler_test_{}", unique());
+    let store = MongoStore::connect(&uri, &name, Duration::from_secs(3600))
+        .await
+        .unwrap_or_else(|e| panic!("{MONGO_VAR}: {e}"));
+    let db = mongodb::Client::with_uri_str(&uri)
+        .await
+        .unwrap()
+        .database(&name);
+    let outcome = AssertUnwindSafe(body(store, db.clone()))
+        .catch_unwind()
+        .await;
+    db.drop().await.unwrap();
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+#[tokio::test]
+async fn mongo_tasks() {
+    with_mongo(|store, db| async move {
+        task_lifecycle(&store).await;
+        unfinished_tasks(&store).await;
+
+        let tasks = db.collection::<mongodb::bson::Document>("tasks");
+        let mut cursor = tasks.list_indexes().await.unwrap();
+        let mut ttl_index = None;
+        while let Some(index) = cursor.next().await {
+            let index = index.unwrap();
+            if index.keys == mongodb::bson::doc! { "expires_at": 1 } {
+                ttl_index = index.options.and_then(|o| o.expire_after);
+            }
+        }
+        assert_eq!(
+            ttl_index,
+            Some(Duration::ZERO),
+            "no TTL index on expires_at"
+        );
+
+        // The TTL index only acts on BSON dates: check the field really is one.
+        let dated = task(TaskState::Success, Some(1_700_000_300_000));
+        let undated = task(TaskState::Failure, None);
+        for t in [&dated, &undated] {
+            TaskStore::put(&store, t).await.unwrap();
+        }
+        let expires_at = |id: String| {
+            let tasks = tasks.clone();
+            async move {
+                let doc = tasks
+                    .find_one(mongodb::bson::doc! { "_id": id })
+                    .await
+                    .unwrap()
+                    .unwrap();
+                doc.get_datetime("expires_at").unwrap().timestamp_millis()
+            }
+        };
+        assert_eq!(expires_at(dated.id.clone()).await, 1_700_000_300_000);
+        let finished = undated.finished_at_ms.unwrap();
+        assert_eq!(expires_at(undated.id.clone()).await, finished + 3_600_000);
+        assert_eq!(store.get(&dated.id).await.unwrap(), Some(dated));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn mongo_results() {
+    with_mongo(|store, db| async move {
+        result_roundtrip(&store).await;
+        large_result(&store).await;
+        replace_while_reading(&store).await;
+        // Every replaced blob was deleted: one GridFS file per stored result remains.
+        let results = db.collection::<mongodb::bson::Document>("results");
+        let files = db.collection::<mongodb::bson::Document>("results.files");
+        let stored = results
+            .count_documents(mongodb::bson::doc! {})
+            .await
+            .unwrap();
+        assert_eq!(
+            files.count_documents(mongodb::bson::doc! {}).await.unwrap(),
+            stored
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn redis_locks() {
+    let Some(url) = server(REDIS_VAR) else { return };
+    let locks = RedisLocks::connect(&url, &format!("upscaler-test-{}", unique()))
+        .await
+        .unwrap_or_else(|e| panic!("{REDIS_VAR}: {e}"));
+    lock_contract(&locks).await;
+    lock_expiry(&locks, Duration::from_millis(300)).await;
+    lock_renewal(&locks).await;
+}
+
+// ---------------------------------------------------------------- unreachable servers
+
+#[tokio::test]
+async fn unreachable_servers_fail_fast_without_leaking_passwords() {
+    let started = Instant::now();
+    let mongo = MongoStore::connect(
+        "mongodb://app:hunter2@127.0.0.1:1/?directConnection=true",
+        "upscaler",
+        Duration::from_secs(60),
+    )
+    .await;
+    let Err(StoreError::Unavailable(why)) = mongo else {
+        panic!("expected Unavailable, got {:?}", mongo.map(|_| ()))
+    };
+    assert!(
+        !why.contains("hunter2") && why.contains("127.0.0.1:1"),
+        "{why}"
+    );
+
+    let redis = RedisLocks::connect("redis://:hunter2@127.0.0.1:1", "upscaler").await;
+    let Err(upscaler::locks::LockError::Unavailable(why)) = redis else {
+        panic!("expected Unavailable from Redis")
+    };
+    assert!(
+        !why.contains("hunter2") && why.contains("127.0.0.1:1"),
+        "{why}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "took {:?}",
+        started.elapsed()
+    );
+}

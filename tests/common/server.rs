@@ -1,0 +1,333 @@
+//! An in-process server on 127.0.0.1:0 for end-to-end tests, on the embedded backends or on
+//! the real Redis and Mongo-wire servers named by `UPSCALER_TEST_REDIS_URL` and
+//! `UPSCALER_TEST_MONGO_URI`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use tokio::sync::oneshot;
+use tonic::transport::Channel;
+use tonic::Code;
+use upscaler::api::pb::{self, upscaler_client::UpscalerClient};
+use upscaler::Settings;
+
+pub type Client = UpscalerClient<Channel>;
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Backend {
+    Embedded,
+    Real {
+        redis_url: String,
+        mongo_uri: String,
+    },
+}
+
+/// The real servers, or `None` (after a loud message) when they are not configured. Under CI
+/// a missing server is a failure, not a skip.
+pub fn real_backend(test: &str) -> Option<Backend> {
+    let redis = std::env::var("UPSCALER_TEST_REDIS_URL").ok();
+    let mongo = std::env::var("UPSCALER_TEST_MONGO_URI").ok();
+    match (redis, mongo) {
+        (Some(redis_url), Some(mongo_uri)) => Some(Backend::Real {
+            redis_url,
+            mongo_uri,
+        }),
+        _ => {
+            let msg = format!(
+                "{test}: needs UPSCALER_TEST_REDIS_URL and UPSCALER_TEST_MONGO_URI (real Redis and a Mongo-wire server)"
+            );
+            if std::env::var_os("CI").is_some() {
+                panic!("{msg}");
+            }
+            eprintln!("SKIPPED: {msg}");
+            None
+        }
+    }
+}
+
+/// Directories and names that survive a server restart.
+#[derive(Clone)]
+pub struct Place {
+    pub backend: Backend,
+    pub data_dir: PathBuf,
+    pub temp_dir: PathBuf,
+    /// Unique per test: the Mongo database and the Redis key prefix.
+    pub namespace: String,
+    _root: Arc<tempfile::TempDir>,
+}
+
+impl Place {
+    pub fn new(backend: Backend) -> Self {
+        let root = tempfile::tempdir().unwrap();
+        Self {
+            backend,
+            data_dir: root.path().join("data"),
+            temp_dir: root.path().join("tmp"),
+            namespace: format!("upscaler_test_{}", uuid::Uuid::new_v4().simple()),
+            _root: Arc::new(root),
+        }
+    }
+
+    pub fn settings(&self) -> Settings {
+        let mut s = Settings::for_dirs(
+            self.data_dir.clone(),
+            self.temp_dir.clone(),
+            super::root().join("weights"),
+        );
+        s.default_model = "realesr-animevideov3".into();
+        s.mongo_database = self.namespace.clone();
+        s.redis_prefix = self.namespace.clone();
+        s.log_level = "warn".into();
+        match &self.backend {
+            Backend::Embedded => {
+                s.redis_url = None;
+                s.mongo_uri = None;
+            }
+            Backend::Real {
+                redis_url,
+                mongo_uri,
+            } => {
+                s.redis_url = Some(redis_url.clone());
+                s.mongo_uri = Some(mongo_uri.clone());
+            }
+        }
+        s
+    }
+
+    /// Files left in the temp dir (uploads in flight or sources of live tasks).
+    pub fn temp_files(&self) -> Vec<String> {
+        match std::fs::read_dir(&self.temp_dir) {
+            Ok(d) => d
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+}
+
+pub struct Server {
+    pub addr: std::net::SocketAddr,
+    pub client: Client,
+    stop: Option<oneshot::Sender<()>>,
+    handle: tokio::task::JoinHandle<Result<(), upscaler::api::ServeError>>,
+}
+
+impl Server {
+    pub async fn start(place: &Place) -> Self {
+        Self::start_with(place.settings()).await
+    }
+
+    pub async fn start_with(settings: Settings) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let handle = tokio::spawn(upscaler::serve(settings, listener, async {
+            let _ = stopped.await;
+        }));
+        let channel = Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        wait_serving(channel.clone()).await;
+        Self {
+            addr,
+            client: UpscalerClient::new(channel),
+            stop: Some(stop),
+            handle,
+        }
+    }
+
+    /// Graceful shutdown, as on SIGTERM.
+    pub async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        tokio::time::timeout(Duration::from_secs(60), self.handle)
+            .await
+            .expect("server stops within a minute")
+            .unwrap()
+            .unwrap();
+    }
+}
+
+async fn wait_serving(channel: Channel) {
+    use tonic_health::pb::{
+        health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
+    };
+    let mut health = HealthClient::new(channel);
+    for _ in 0..300 {
+        let req = HealthCheckRequest {
+            service: "upscaler.v1.Upscaler".into(),
+        };
+        if let Ok(r) = health.check(req).await {
+            if r.into_inner().status == ServingStatus::Serving as i32 {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("server never reported SERVING");
+}
+
+pub fn wait_limit() -> Duration {
+    let secs = std::env::var("TEST_DEFAULT_TIMEOUT_WAITING")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(60);
+    Duration::from_secs(secs)
+}
+
+pub fn meta(file_name: &str) -> pb::UploadMetadata {
+    pb::UploadMetadata {
+        file_name: file_name.into(),
+        ..Default::default()
+    }
+}
+
+/// Sends an upload: the metadata (if any), then the bytes in chunks of `chunk` bytes.
+pub async fn upload_parts(
+    client: &mut Client,
+    metadata: Option<pb::UploadMetadata>,
+    bytes: &[u8],
+    chunk: usize,
+) -> Result<pb::UploadImageResponse, tonic::Status> {
+    use pb::upload_image_request::Payload;
+    let mut msgs = Vec::new();
+    if let Some(m) = metadata {
+        msgs.push(pb::UploadImageRequest {
+            payload: Some(Payload::Metadata(m)),
+        });
+    }
+    for c in bytes.chunks(chunk.max(1)) {
+        msgs.push(pb::UploadImageRequest {
+            payload: Some(Payload::Chunk(c.to_vec())),
+        });
+    }
+    client
+        .upload_image(futures::stream::iter(msgs))
+        .await
+        .map(|r| r.into_inner())
+}
+
+pub async fn upload(
+    client: &mut Client,
+    metadata: pb::UploadMetadata,
+    bytes: &[u8],
+) -> Result<pb::UploadImageResponse, tonic::Status> {
+    upload_parts(client, Some(metadata), bytes, 64 * 1024).await
+}
+
+pub fn outcome(r: &pb::UploadImageResponse) -> pb::UploadOutcome {
+    pb::UploadOutcome::try_from(r.outcome).unwrap()
+}
+
+pub fn state(t: &pb::Task) -> pb::TaskState {
+    pb::TaskState::try_from(t.state).unwrap()
+}
+
+/// Polls GetTask until the task is SUCCESS or FAILURE.
+pub async fn wait_done(client: &mut Client, task_id: &str) -> pb::Task {
+    let deadline = tokio::time::Instant::now() + wait_limit();
+    loop {
+        let t = client
+            .get_task(pb::GetTaskRequest {
+                task_id: task_id.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if matches!(state(&t), pb::TaskState::Success | pb::TaskState::Failure) {
+            return t;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "task {task_id} not done in {:?}: {t:?}",
+            wait_limit()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Downloads a result: (metadata, bytes, largest chunk).
+pub async fn fetch(
+    client: &mut Client,
+    name: &str,
+) -> Result<(pb::ResultMetadata, Vec<u8>, usize), tonic::Status> {
+    use pb::fetch_processed_response::Payload;
+    let mut stream = client
+        .fetch_processed(pb::FetchProcessedRequest {
+            file_name: name.into(),
+        })
+        .await?
+        .into_inner();
+    let first = stream.next().await.expect("a first message")?;
+    let Some(Payload::Metadata(meta)) = first.payload else {
+        panic!("first message is not metadata")
+    };
+    let (mut bytes, mut largest) = (Vec::new(), 0);
+    while let Some(msg) = stream.next().await {
+        match msg?.payload {
+            Some(Payload::Chunk(c)) => {
+                largest = largest.max(c.len());
+                bytes.extend(c);
+            }
+            other => panic!("unexpected message {other:?}"),
+        }
+    }
+    Ok((meta, bytes, largest))
+}
+
+pub fn code<T: std::fmt::Debug>(r: Result<T, tonic::Status>) -> (Code, String) {
+    let s = r.expect_err("expected an error status");
+    (s.code(), s.message().to_string())
+}
+
+/// Opens the place's store the way the server does, from outside the server.
+async fn open_store(place: &Place) -> std::sync::Arc<dyn StoreBoth> {
+    use upscaler::store::{embedded::EmbeddedStore, mongo::MongoStore};
+    match &place.backend {
+        Backend::Embedded => std::sync::Arc::new(EmbeddedStore::open(&place.data_dir).unwrap()),
+        Backend::Real { mongo_uri, .. } => std::sync::Arc::new(
+            MongoStore::connect(mongo_uri, &place.namespace, Duration::from_secs(3600))
+                .await
+                .unwrap(),
+        ),
+    }
+}
+
+pub trait StoreBoth: upscaler::store::TaskStore + upscaler::store::ResultStore {}
+impl<T: upscaler::store::TaskStore + upscaler::store::ResultStore> StoreBoth for T {}
+
+/// Task records still PENDING or STARTED.
+pub async fn unfinished_tasks(place: &Place) -> Vec<String> {
+    let store = open_store(place).await;
+    store
+        .unfinished()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|t| format!("{} {:?}", t.file_name, t.state))
+        .collect()
+}
+
+/// Puts a result straight into the place's store.
+pub async fn store_result(place: &Place, name: &str, bytes: Vec<u8>) {
+    use sha2::Digest;
+    let meta = upscaler::tasks::types::ResultMeta {
+        file_name: name.into(),
+        content_type: "image/png".into(),
+        size: bytes.len() as u64,
+        width: 1,
+        height: 1,
+        sha256: upscaler::tasks::types::hex(&sha2::Sha256::digest(&bytes)),
+        fingerprint: "test".into(),
+        model: "realesr-animevideov3".into(),
+        task_id: "stored-by-test".into(),
+        created_at_ms: 0,
+    };
+    let store = open_store(place).await;
+    upscaler::store::ResultStore::put(&*store, &meta, bytes)
+        .await
+        .unwrap();
+}

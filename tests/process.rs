@@ -1,0 +1,182 @@
+//! The `upscaler serve` process under real signals: SIGTERM interrupts a running task, which
+//! the next start finishes; SIGKILL leaves a lock that expires so the name can be processed
+//! again.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::server::{self as srv, Backend, Place, Server};
+use image::{DynamicImage, Rgb, RgbImage};
+use tonic::transport::Channel;
+use upscaler::api::pb::{self, upscaler_client::UpscalerClient};
+use upscaler::imaging::{self, OutputFormat};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn spawn_server(place: &Place, port: u16, extra: &[(&str, &str)]) -> Child {
+    let s = place.settings();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_upscaler"));
+    cmd.arg("serve")
+        .current_dir(common::root())
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("LISTEN_ADDR", format!("127.0.0.1:{port}"))
+        .env("DATA_DIR", &s.data_dir)
+        .env("TEMP_DIR", &s.temp_dir)
+        .env("DEFAULT_MODEL", "realesrgan-x4plus")
+        .env("MONGO_DATABASE", &s.mongo_database)
+        .env("REDIS_PREFIX", &s.redis_prefix)
+        .env("LOG_LEVEL", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    if let Some(u) = &s.redis_url {
+        cmd.env("REDIS_URL", u);
+    }
+    if let Some(u) = &s.mongo_uri {
+        cmd.env("MONGO_URI", u);
+    }
+    for (k, v) in extra {
+        cmd.env(k, v);
+    }
+    cmd.spawn().unwrap()
+}
+
+async fn connect(port: u16) -> srv::Client {
+    let url = format!("http://127.0.0.1:{port}");
+    for _ in 0..600 {
+        if let Ok(ch) = Channel::from_shared(url.clone()).unwrap().connect().await {
+            let mut c = UpscalerClient::new(ch);
+            // Ready when the core answers (NOT_FOUND), not UNAVAILABLE.
+            match c
+                .get_task(pb::GetTaskRequest {
+                    task_id: "probe".into(),
+                })
+                .await
+            {
+                Err(s) if s.code() == tonic::Code::NotFound => return c,
+                _ => {}
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("server on port {port} never became ready");
+}
+
+/// A slow task: x4plus over 16 tiles.
+fn slow_upload() -> (pb::UploadMetadata, Vec<u8>) {
+    let img = RgbImage::from_fn(64, 64, |x, y| {
+        Rgb([(x * 3) as u8, (y * 3) as u8, (x ^ y) as u8])
+    });
+    let bytes = imaging::encode(&DynamicImage::ImageRgb8(img), OutputFormat::Png).unwrap();
+    (
+        pb::UploadMetadata {
+            tile: Some(16),
+            ..srv::meta("slow.png")
+        },
+        bytes,
+    )
+}
+
+async fn wait_started(c: &mut srv::Client, id: &str) {
+    for _ in 0..600 {
+        let t = c
+            .get_task(pb::GetTaskRequest { task_id: id.into() })
+            .await
+            .unwrap()
+            .into_inner();
+        if srv::state(&t) == pb::TaskState::Started && t.tiles_done >= 1 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("task never started");
+}
+
+fn signal(child: &Child, sig: &str) {
+    let ok = Command::new("kill")
+        .arg(sig)
+        .arg(child.id().to_string())
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill {sig} failed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_exits_cleanly_and_the_next_start_finishes_the_task() {
+    let place = Place::new(Backend::Embedded);
+    let port = free_port();
+    let mut child = spawn_server(&place, port, &[]);
+    let mut c = connect(port).await;
+    let (meta, bytes) = slow_upload();
+    let r = srv::upload(&mut c, meta, &bytes).await.unwrap();
+    wait_started(&mut c, &r.task_id).await;
+    signal(&child, "-TERM");
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(status.code(), Some(0), "exit status after SIGTERM");
+
+    let mut settings = place.settings();
+    settings.default_model = "realesrgan-x4plus".into();
+    let server = Server::start_with(settings).await;
+    let mut c = server.client.clone();
+    let t = srv::wait_done(&mut c, &r.task_id).await;
+    assert_eq!(srv::state(&t), pb::TaskState::Success, "{}", t.error);
+    assert_eq!((t.output_width, t.output_height), (256, 256));
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_holders_lock_expires_and_the_name_is_processed_again() {
+    let Some(backend) = srv::real_backend("a_killed_holders_lock_expires") else {
+        return;
+    };
+    let place = Place::new(backend);
+    let port = free_port();
+    let mut child = spawn_server(&place, port, &[("LOCK_TTL_SECS", "3")]);
+    let mut c = connect(port).await;
+    let (meta, bytes) = slow_upload();
+    let first = srv::upload(&mut c, meta.clone(), &bytes).await.unwrap();
+    wait_started(&mut c, &first.task_id).await;
+    signal(&child, "-KILL");
+    tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+
+    // A second instance on the same Redis and Mongo (its own temp dir, as on another host).
+    let mut other = place.clone();
+    other.temp_dir = place.temp_dir.with_file_name("tmp-other");
+    let mut settings = other.settings();
+    settings.lock_ttl_secs = 3;
+    let server = Server::start_with(settings).await;
+    let mut c = server.client.clone();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let second = loop {
+        let r = srv::upload(&mut c, meta.clone(), &bytes).await.unwrap();
+        match srv::outcome(&r) {
+            pb::UploadOutcome::InProgress => {
+                assert_eq!(r.task_id, first.task_id, "the dead task holds the name");
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "the dead holder's lock never expired"
+                );
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            pb::UploadOutcome::Queued => break r,
+            other => panic!("unexpected outcome {other:?}"),
+        }
+    };
+    assert_ne!(second.task_id, first.task_id);
+    let t = srv::wait_done(&mut c, &second.task_id).await;
+    assert_eq!(srv::state(&t), pb::TaskState::Success, "{}", t.error);
+    server.stop().await;
+}
