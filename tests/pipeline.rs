@@ -77,7 +77,7 @@ fn random_model(name: &str) -> Model {
         .collect();
     let vb = candle_nn::VarBuilder::from_tensors(tensors, candle_core::DType::F32, &Device::Cpu);
     let net = Network::new(&spec.arch, vb).unwrap();
-    Model::new(spec, net, Device::Cpu)
+    Model::new(spec, net, Device::Cpu).unwrap()
 }
 
 #[test]
@@ -465,4 +465,38 @@ fn bad_bytes_are_refused_before_inference() {
         "{err}"
     );
     assert!(!ran, "refused before any tile ran");
+}
+
+/// The fast CPU path (Winograd, channels-last) against candle's own convolutions, on every
+/// architecture: the shipped weights, random weights for the x2 and 32-conv shapes, and sizes
+/// that are not multiples of the 4x4 Winograd tile (even, for x2's pixel unshuffle).
+#[test]
+fn fast_path_matches_the_reference_networks() {
+    let models = [
+        (*common::model("realesrgan-x4plus")).clone(),
+        (*common::model("realesrgan-x4plus-anime")).clone(),
+        (*common::model(FAST)).clone(),
+        random_model("realesrgan-x2plus"),
+        random_model("realesr-general-x4v3"),
+    ];
+    for model in models {
+        assert!(
+            model.is_fast(),
+            "{}: CPU models take the fast path",
+            model.spec().name
+        );
+        let reference = model.reference();
+        for (w, h) in [(6, 10), (14, 6)] {
+            let x = input_tensor(&picture(w, h));
+            let fast = model.forward(&x).unwrap();
+            let want = reference.forward(&x).unwrap();
+            let diff = max_abs_diff(&fast, &want);
+            // Outputs are in [0, 1]; one 8-bit step is 0.0039.
+            assert!(
+                diff < 2e-4,
+                "{} {w}x{h}: fast and reference differ by {diff}",
+                model.spec().name
+            );
+        }
+    }
 }

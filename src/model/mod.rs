@@ -4,6 +4,7 @@
 //! This module knows candle and the weight formats only; it never decodes images or talks to
 //! the network. Inputs and outputs are `(1, 3, H, W)` tensors with values in `[0, 1]`.
 
+pub mod fastconv;
 pub mod ncnn;
 pub mod registry;
 pub mod rrdbnet;
@@ -75,17 +76,68 @@ impl Module for Network {
     }
 }
 
+/// A network on the fast CPU path (`fastconv`): same results as `Network` to f32 rounding.
+#[derive(Debug, Clone)]
+pub enum FastNetwork {
+    RrdbNet(Box<rrdbnet::FastRrdbNet>),
+    SrVgg(srvgg::FastSrVgg),
+}
+
+impl FastNetwork {
+    pub fn new(net: &Network) -> candle_core::Result<Self> {
+        Ok(match net {
+            Network::RrdbNet(n) => Self::RrdbNet(Box::new(rrdbnet::FastRrdbNet::new(n)?)),
+            Network::SrVgg(n) => Self::SrVgg(srvgg::FastSrVgg::new(n)?),
+        })
+    }
+}
+
+impl Module for FastNetwork {
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Self::RrdbNet(n) => n.forward(xs),
+            Self::SrVgg(n) => n.forward(xs),
+        }
+    }
+}
+
 /// A registry model ready to run.
 #[derive(Debug, Clone)]
 pub struct Model {
     spec: ModelSpec,
     net: Network,
+    /// Used instead of `net` when present (on the CPU).
+    fast: Option<FastNetwork>,
     device: Device,
 }
 
 impl Model {
-    pub fn new(spec: ModelSpec, net: Network, device: Device) -> Self {
-        Self { spec, net, device }
+    /// On the CPU, also prepares the fast path (Winograd-domain weights, made once here).
+    pub fn new(spec: ModelSpec, net: Network, device: Device) -> Result<Self, ModelError> {
+        let fast = match device {
+            Device::Cpu => Some(FastNetwork::new(&net)?),
+            _ => None,
+        };
+        Ok(Self {
+            spec,
+            net,
+            fast,
+            device,
+        })
+    }
+
+    /// The same model on candle's own operations only: the reference the fast path is
+    /// tested against.
+    pub fn reference(&self) -> Self {
+        Self {
+            fast: None,
+            ..self.clone()
+        }
+    }
+
+    /// Whether forward passes take the fast path.
+    pub fn is_fast(&self) -> bool {
+        self.fast.is_some()
     }
 
     /// Loads `spec` from a weights file (safetensors, `.pth`, or an ncnn `.param` with its `.bin`).
@@ -96,7 +148,7 @@ impl Model {
     ) -> Result<Self, ModelError> {
         let tensors = weights::read(spec, path)?;
         let net = weights::build_checked(&spec.arch, tensors, device)?;
-        Ok(Self::new(spec.clone(), net, device.clone()))
+        Self::new(spec.clone(), net, device.clone())
     }
 
     pub fn spec(&self) -> &ModelSpec {
@@ -117,6 +169,9 @@ impl Model {
 
     /// Runs the network on a `(1, 3, H, W)` input without tiling.
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor, ModelError> {
-        Ok(self.net.forward(xs)?)
+        Ok(match &self.fast {
+            Some(fast) => fast.forward(xs)?,
+            None => self.net.forward(xs)?,
+        })
     }
 }

@@ -7,6 +7,8 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{conv2d, Conv2d, Conv2dConfig, VarBuilder};
 
+use super::fastconv::{Activation, Conv3x3};
+
 /// Shape of an RRDBNet. `scale` is the overall upscaling factor (1, 2 or 4); for 1 and 2 the
 /// input is pixel-unshuffled first, exactly as BasicSR does, so the body always works at a
 /// quarter of the output resolution.
@@ -217,4 +219,109 @@ impl Module for RrdbNet {
         self.conv_last
             .forward(&lrelu(&self.conv_hr.forward(&feat)?)?)
     }
+}
+
+/// The same network on the fast CPU path: channels-last activations and Winograd
+/// convolutions with LeakyReLU fused (see `fastconv`). Built from a loaded `RrdbNet`.
+#[derive(Debug, Clone)]
+pub struct FastRrdbNet {
+    scale: usize,
+    conv_first: Conv3x3,
+    /// Per RRDB, per dense block, the five convolutions.
+    body: Vec<[[Conv3x3; 5]; 3]>,
+    conv_body: Conv3x3,
+    conv_up1: Conv3x3,
+    conv_up2: Conv3x3,
+    conv_hr: Conv3x3,
+    conv_last: Conv3x3,
+}
+
+fn fast(conv: &Conv2d, act: Activation) -> Result<Conv3x3> {
+    Conv3x3::new(conv.weight(), conv.bias(), act)
+}
+
+impl FastRrdbNet {
+    pub fn new(net: &RrdbNet) -> Result<Self> {
+        let lrelu = || Activation::LeakyRelu(0.2);
+        let body = net
+            .body
+            .iter()
+            .map(|rrdb| {
+                let block = |rdb: &ResidualDenseBlock| -> Result<[Conv3x3; 5]> {
+                    let c = &rdb.convs;
+                    Ok([
+                        fast(&c[0], lrelu())?,
+                        fast(&c[1], lrelu())?,
+                        fast(&c[2], lrelu())?,
+                        fast(&c[3], lrelu())?,
+                        fast(&c[4], Activation::None)?,
+                    ])
+                };
+                Ok([
+                    block(&rrdb.rdbs[0])?,
+                    block(&rrdb.rdbs[1])?,
+                    block(&rrdb.rdbs[2])?,
+                ])
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            scale: net.cfg.scale,
+            conv_first: fast(&net.conv_first, Activation::None)?,
+            body,
+            conv_body: fast(&net.conv_body, Activation::None)?,
+            conv_up1: fast(&net.conv_up1, lrelu())?,
+            conv_up2: fast(&net.conv_up2, lrelu())?,
+            conv_hr: fast(&net.conv_hr, lrelu())?,
+            conv_last: fast(&net.conv_last, Activation::None)?,
+        })
+    }
+
+    fn dense_block(convs: &[Conv3x3; 5], x: &Tensor) -> Result<Tensor> {
+        let mut feats = x.clone();
+        for conv in &convs[..4] {
+            let y = conv.forward(&feats)?;
+            feats = Tensor::cat(&[&feats, &y], 3)?;
+        }
+        let x5 = convs[4].forward(&feats)?;
+        (x5 * 0.2)? + x
+    }
+}
+
+impl Module for FastRrdbNet {
+    /// `(1, C, H, W)` in, `(1, C, H*scale, W*scale)` out, like `RrdbNet`.
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let feat = match self.scale {
+            2 => candle_nn::ops::pixel_unshuffle(xs, 2)?,
+            1 => candle_nn::ops::pixel_unshuffle(xs, 4)?,
+            _ => xs.clone(),
+        };
+        let feat = self.conv_first.forward(&to_nhwc(&feat)?)?;
+        let mut body = feat.clone();
+        for rrdb in &self.body {
+            let mut out = body.clone();
+            for rdb in rrdb {
+                out = Self::dense_block(rdb, &out)?;
+            }
+            body = ((out * 0.2)? + &body)?;
+        }
+        let feat = (feat + self.conv_body.forward(&body)?)?;
+        let feat = self.conv_up1.forward(&upsample2x_nhwc(&feat)?)?;
+        let feat = self.conv_up2.forward(&upsample2x_nhwc(&feat)?)?;
+        let out = self.conv_last.forward(&self.conv_hr.forward(&feat)?)?;
+        out.permute((0, 3, 1, 2))?.contiguous()
+    }
+}
+
+/// NCHW to a contiguous NHWC tensor.
+pub(crate) fn to_nhwc(xs: &Tensor) -> Result<Tensor> {
+    xs.permute((0, 2, 3, 1))?.contiguous()
+}
+
+/// Nearest-neighbour 2x upsampling of an NHWC tensor.
+fn upsample2x_nhwc(xs: &Tensor) -> Result<Tensor> {
+    let (n, h, w, c) = xs.dims4()?;
+    xs.reshape((n, h, 1, w, 1, c))?
+        .broadcast_as((n, h, 2, w, 2, c))?
+        .contiguous()?
+        .reshape((n, h * 2, w * 2, c))
 }

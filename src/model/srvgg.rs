@@ -7,6 +7,9 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{conv2d, Conv2d, Conv2dConfig, PReLU, VarBuilder};
 
+use super::fastconv::{Activation, Conv3x3};
+use super::rrdbnet::to_nhwc;
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub num_in_ch: usize,
@@ -92,6 +95,49 @@ impl Module for SrVggNetCompact {
         let out = candle_nn::ops::pixel_shuffle(&last.forward(&out)?, self.cfg.upscale)?;
         let (_, _, h, w) = xs.dims4()?;
         let base = xs.upsample_nearest2d(h * self.cfg.upscale, w * self.cfg.upscale)?;
+        out + base
+    }
+}
+
+/// The same network on the fast CPU path: channels-last activations and Winograd
+/// convolutions with PReLU fused (see `fastconv`). Built from a loaded `SrVggNetCompact`.
+#[derive(Debug, Clone)]
+pub struct FastSrVgg {
+    upscale: usize,
+    convs: Vec<Conv3x3>,
+}
+
+impl FastSrVgg {
+    pub fn new(net: &SrVggNetCompact) -> Result<Self> {
+        let mut convs = Vec::with_capacity(net.convs.len());
+        for (conv, act) in net.convs.iter().zip(&net.acts) {
+            let slopes = act.weight().to_dtype(candle_core::DType::F32)?.to_vec1()?;
+            convs.push(Conv3x3::new(
+                conv.weight(),
+                conv.bias(),
+                Activation::PRelu(slopes),
+            )?);
+        }
+        let last = net.convs.last().expect("at least one convolution");
+        convs.push(Conv3x3::new(last.weight(), last.bias(), Activation::None)?);
+        Ok(Self {
+            upscale: net.cfg.upscale,
+            convs,
+        })
+    }
+}
+
+impl Module for FastSrVgg {
+    /// `(1, C, H, W)` in, `(1, C, H*upscale, W*upscale)` out, like `SrVggNetCompact`.
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let mut out = to_nhwc(xs)?;
+        for conv in &self.convs {
+            out = conv.forward(&out)?;
+        }
+        let out = out.permute((0, 3, 1, 2))?.contiguous()?;
+        let out = candle_nn::ops::pixel_shuffle(&out, self.upscale)?;
+        let (_, _, h, w) = xs.dims4()?;
+        let base = xs.upsample_nearest2d(h * self.upscale, w * self.upscale)?;
         out + base
     }
 }

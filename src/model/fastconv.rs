@@ -1,0 +1,567 @@
+//! A fast 3x3, stride 1, padding 1 convolution for the CPU: channels-last (NHWC) tensors,
+//! Winograd F(4x4, 3x3) with the weights transformed once at load, the 36 per-position
+//! products through the `gemm` crate, and bias plus activation fused into the output
+//! transform. Blocks of tiles are spread over rayon's threads.
+//!
+//! Winograd F(4x4, 3x3) computes a 4x4 output tile from a 6x6 input tile with 36
+//! multiplications per channel pair instead of 144; the transforms (Lavin and Gray, 2015,
+//! points 0, ±1, ±2, ±1/2) cost additions only. candle's `conv2d` stays the reference: tests
+//! compare the two on random tensors.
+
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+/// What follows the convolution, applied in the output transform.
+#[derive(Debug, Clone)]
+pub enum Activation {
+    None,
+    LeakyRelu(f32),
+    /// One slope per output channel.
+    PRelu(Vec<f32>),
+}
+
+/// A 3x3 convolution (stride 1, zero padding 1) with its weights in the Winograd domain.
+#[derive(Debug, Clone)]
+pub struct Conv3x3 {
+    cin: usize,
+    cout: usize,
+    /// `u[p][ci][co]`: the transformed kernel at each of the 36 positions.
+    u: Vec<f32>,
+    bias: Vec<f32>,
+    act: Activation,
+}
+
+/// Kernel transform `G` (6x3).
+#[rustfmt::skip]
+const G: [[f64; 3]; 6] = [
+    [1.0 / 4.0, 0.0, 0.0],
+    [-1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0],
+    [-1.0 / 6.0, 1.0 / 6.0, -1.0 / 6.0],
+    [1.0 / 24.0, 1.0 / 12.0, 1.0 / 6.0],
+    [1.0 / 24.0, -1.0 / 12.0, 1.0 / 6.0],
+    [0.0, 0.0, 1.0],
+];
+
+/// Scratch per block of tiles is kept near this size so it stays in the core's L2 cache.
+const BLOCK_BYTES: usize = 768 * 1024;
+
+impl Conv3x3 {
+    /// From an OIHW `(cout, cin, 3, 3)` weight and an optional `(cout,)` bias, any float dtype.
+    pub fn new(weight: &Tensor, bias: Option<&Tensor>, act: Activation) -> Result<Self> {
+        let (cout, cin, kh, kw) = weight.dims4()?;
+        if (kh, kw) != (3, 3) {
+            candle_core::bail!("Conv3x3 needs a 3x3 kernel, got {kh}x{kw}");
+        }
+        let w: Vec<f64> = weight.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
+        let bias = match bias {
+            Some(b) => b.to_dtype(DType::F32)?.to_vec1()?,
+            None => vec![0.0; cout],
+        };
+        if bias.len() != cout {
+            candle_core::bail!("bias has {} values for {cout} channels", bias.len());
+        }
+        if let Activation::PRelu(s) = &act {
+            if s.len() != cout {
+                candle_core::bail!("PReLU has {} slopes for {cout} channels", s.len());
+            }
+        }
+        // U = G g G^T per (co, ci), computed in f64 and rounded once.
+        let mut u = vec![0f32; 36 * cin * cout];
+        for co in 0..cout {
+            for ci in 0..cin {
+                let g = &w[(co * cin + ci) * 9..][..9];
+                let mut gg = [[0f64; 3]; 6];
+                for (i, row) in gg.iter_mut().enumerate() {
+                    for (j, v) in row.iter_mut().enumerate() {
+                        *v = (0..3).map(|k| G[i][k] * g[k * 3 + j]).sum();
+                    }
+                }
+                for i in 0..6 {
+                    for j in 0..6 {
+                        let v: f64 = (0..3).map(|k| gg[i][k] * G[j][k]).sum();
+                        u[((i * 6 + j) * cin + ci) * cout + co] = v as f32;
+                    }
+                }
+            }
+        }
+        Ok(Self {
+            cin,
+            cout,
+            u,
+            bias,
+            act,
+        })
+    }
+
+    pub fn in_channels(&self) -> usize {
+        self.cin
+    }
+
+    pub fn out_channels(&self) -> usize {
+        self.cout
+    }
+
+    /// Applies the convolution to an `(n, h, w, cin)` f32 tensor, giving `(n, h, w, cout)`.
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        xs.apply_op1_no_bwd(self)
+    }
+
+    /// Tiles per block: enough rows for the GEMMs, few enough to stay in cache.
+    fn block_tiles(&self, tiles: usize) -> usize {
+        let per_tile = 36 * (self.cin + self.cout) * std::mem::size_of::<f32>();
+        let fit = (BLOCK_BYTES / per_tile).clamp(16, 256);
+        // Leave at least a few blocks per thread so the work balances.
+        let spread = tiles.div_ceil(4 * rayon::current_num_threads()).max(8);
+        fit.min(spread)
+    }
+
+    /// The whole convolution on a contiguous NHWC buffer.
+    pub fn run(&self, input: &[f32], n: usize, h: usize, w: usize) -> Vec<f32> {
+        let (cin, cout) = (self.cin, self.cout);
+        assert_eq!(input.len(), n * h * w * cin, "input size");
+        let mut out = vec![0f32; n * h * w * cout];
+        if out.is_empty() {
+            return out;
+        }
+        let (th, tw) = (h.div_ceil(4), w.div_ceil(4));
+        let tiles = th * tw;
+        let block = self.block_tiles(tiles);
+        let blocks = tiles.div_ceil(block);
+        let out_ptr = SharedOut(out.as_mut_ptr());
+        (0..n * blocks).into_par_iter().for_each_init(
+            || Scratch::new(block, cin, cout),
+            |scratch, job| {
+                let (img, b) = (job / blocks, job % blocks);
+                let first = b * block;
+                let count = block.min(tiles - first);
+                let src = &input[img * h * w * cin..][..h * w * cin];
+                let geom = Geometry { h, w, tw };
+                for t in 0..count {
+                    self.input_tile(src, &geom, first + t, t, block, scratch);
+                }
+                self.multiply(count, block, scratch);
+                for t in 0..count {
+                    // SAFETY: every tile writes only its own output pixels of image `img`.
+                    let dst = unsafe { out_ptr.image(img, h * w * cout) };
+                    self.output_tile(dst, &geom, first + t, t, block, scratch);
+                }
+            },
+        );
+        out
+    }
+
+    /// Gathers the 6x6 input patch of tile `tile` (zeros outside the image) and writes its
+    /// transform `B^T d B` to `v[p][slot][ci]`.
+    fn input_tile(
+        &self,
+        src: &[f32],
+        geom: &Geometry,
+        tile: usize,
+        slot: usize,
+        block: usize,
+        s: &mut Scratch,
+    ) {
+        let cin = self.cin;
+        let (y0, x0) = (
+            (tile / geom.tw * 4) as isize - 1,
+            (tile % geom.tw * 4) as isize - 1,
+        );
+        for i in 0..6 {
+            let y = y0 + i as isize;
+            for j in 0..6 {
+                let x = x0 + j as isize;
+                let dst = &mut s.patch[(i * 6 + j) * cin..][..cin];
+                if y >= 0 && (y as usize) < geom.h && x >= 0 && (x as usize) < geom.w {
+                    let at = (y as usize * geom.w + x as usize) * cin;
+                    dst.copy_from_slice(&src[at..at + cin]);
+                } else {
+                    dst.fill(0.0);
+                }
+            }
+        }
+        // Columns: tmp[i][j] = sum_k BT[i][k] d[k][j].
+        for j in 0..6 {
+            bt6(
+                strided(&s.patch, j * cin, 6 * cin, cin),
+                strided_mut(&mut s.tmp_in, j * cin, 6 * cin, cin),
+            );
+        }
+        // Rows: v[i][j] = sum_k tmp[i][k] BT[j][k].
+        for i in 0..6 {
+            bt6(
+                strided(&s.tmp_in, i * 6 * cin, cin, cin),
+                strided_mut(&mut s.v, (i * 6 * block + slot) * cin, block * cin, cin),
+            );
+        }
+    }
+
+    /// `m[p] = v[p] x u[p]` for the 36 positions: (count x cin) times (cin x cout).
+    fn multiply(&self, count: usize, block: usize, s: &mut Scratch) {
+        let (cin, cout) = (self.cin, self.cout);
+        for p in 0..36 {
+            let v = &s.v[p * block * cin..];
+            let u = &self.u[p * cin * cout..][..cin * cout];
+            let m = &mut s.m[p * block * cout..][..count * cout];
+            // SAFETY: the slices hold count x cin, cin x cout and count x cout row-major
+            // matrices with the strides given.
+            unsafe {
+                gemm::gemm(
+                    count,
+                    cout,
+                    cin,
+                    m.as_mut_ptr(),
+                    1,
+                    cout as isize,
+                    false,
+                    v.as_ptr(),
+                    1,
+                    cin as isize,
+                    u.as_ptr(),
+                    1,
+                    cout as isize,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+        }
+    }
+
+    /// `A^T m A` for tile `tile`, plus bias and activation, written to its output pixels.
+    fn output_tile(
+        &self,
+        dst: &mut [f32],
+        geom: &Geometry,
+        tile: usize,
+        slot: usize,
+        block: usize,
+        s: &mut Scratch,
+    ) {
+        let cout = self.cout;
+        // Columns: tmp[a][j] = sum_i AT[a][i] m[i][j].
+        for j in 0..6 {
+            at6(
+                strided(&s.m, (j * block + slot) * cout, 6 * block * cout, cout),
+                strided_mut(&mut s.tmp_out, j * cout, 6 * cout, cout),
+            );
+        }
+        // Rows: y[a][b] = sum_j tmp[a][j] AT[b][j].
+        for a in 0..4 {
+            at6(
+                strided(&s.tmp_out, a * 6 * cout, cout, cout),
+                strided_mut(&mut s.y, a * 4 * cout, cout, cout),
+            );
+        }
+        let (ty, tx) = (tile / geom.tw * 4, tile % geom.tw * 4);
+        for a in 0..4.min(geom.h - ty) {
+            for b in 0..4.min(geom.w - tx) {
+                let y = &s.y[(a * 4 + b) * cout..][..cout];
+                let o = &mut dst[((ty + a) * geom.w + tx + b) * cout..][..cout];
+                self.finish(y, o);
+            }
+        }
+    }
+
+    /// Bias and activation.
+    fn finish(&self, y: &[f32], out: &mut [f32]) {
+        let bias = &self.bias[..out.len()];
+        match &self.act {
+            Activation::None => {
+                for ((o, &v), &b) in out.iter_mut().zip(y).zip(bias) {
+                    *o = v + b;
+                }
+            }
+            Activation::LeakyRelu(slope) => {
+                for ((o, &v), &b) in out.iter_mut().zip(y).zip(bias) {
+                    let x = v + b;
+                    *o = if x >= 0.0 { x } else { x * slope };
+                }
+            }
+            Activation::PRelu(slopes) => {
+                for (((o, &v), &b), &s) in out.iter_mut().zip(y).zip(bias).zip(&slopes[..]) {
+                    let x = v + b;
+                    *o = if x >= 0.0 { x } else { x * s };
+                }
+            }
+        }
+    }
+}
+
+struct Geometry {
+    h: usize,
+    w: usize,
+    /// Tiles per row.
+    tw: usize,
+}
+
+/// Per-thread buffers for one block of tiles.
+struct Scratch {
+    patch: Vec<f32>,
+    tmp_in: Vec<f32>,
+    v: Vec<f32>,
+    m: Vec<f32>,
+    tmp_out: Vec<f32>,
+    y: Vec<f32>,
+}
+
+impl Scratch {
+    fn new(block: usize, cin: usize, cout: usize) -> Self {
+        Self {
+            patch: vec![0.0; 36 * cin],
+            tmp_in: vec![0.0; 36 * cin],
+            v: vec![0.0; 36 * block * cin],
+            m: vec![0.0; 36 * block * cout],
+            tmp_out: vec![0.0; 24 * cout],
+            y: vec![0.0; 16 * cout],
+        }
+    }
+}
+
+/// The output buffer, shared by the threads that each write their own tiles.
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32);
+
+// SAFETY: used only to hand disjoint parts of one buffer to rayon's threads.
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    /// # Safety
+    /// The caller writes only parts of the image no other thread writes, while the buffer lives.
+    unsafe fn image<'a>(&self, img: usize, len: usize) -> &'a mut [f32] {
+        std::slice::from_raw_parts_mut(self.0.add(img * len), len)
+    }
+}
+
+/// Six rows of `len` values, `stride` apart, starting at `offset`.
+fn strided(buf: &[f32], offset: usize, stride: usize, len: usize) -> [&[f32]; 6] {
+    std::array::from_fn(|k| &buf[offset + k * stride..][..len])
+}
+
+fn strided_mut<const N: usize>(
+    buf: &mut [f32],
+    offset: usize,
+    stride: usize,
+    len: usize,
+) -> [&mut [f32]; N] {
+    let mut rows = buf[offset..].chunks_mut(stride).map(|c| &mut c[..len]);
+    std::array::from_fn(|_| rows.next().expect("buffer holds every row"))
+}
+
+/// `d = B^T s` along the six rows, element-wise over the channels.
+#[inline(always)]
+fn bt6(s: [&[f32]; 6], d: [&mut [f32]; 6]) {
+    let [s0, s1, s2, s3, s4, s5] = s;
+    let [d0, d1, d2, d3, d4, d5] = d;
+    let n = d0.len();
+    let (s0, s1, s2, s3, s4, s5) = (&s0[..n], &s1[..n], &s2[..n], &s3[..n], &s4[..n], &s5[..n]);
+    let (d1, d2, d3, d4, d5) = (
+        &mut d1[..n],
+        &mut d2[..n],
+        &mut d3[..n],
+        &mut d4[..n],
+        &mut d5[..n],
+    );
+    for c in 0..n {
+        let (a0, a1, a2, a3, a4, a5) = (s0[c], s1[c], s2[c], s3[c], s4[c], s5[c]);
+        d0[c] = 4.0 * a0 - 5.0 * a2 + a4;
+        d1[c] = -4.0 * (a1 + a2) + a3 + a4;
+        d2[c] = 4.0 * (a1 - a2) - a3 + a4;
+        d3[c] = 2.0 * (a3 - a1) - a2 + a4;
+        d4[c] = 2.0 * (a1 - a3) - a2 + a4;
+        d5[c] = 4.0 * a1 - 5.0 * a3 + a5;
+    }
+}
+
+/// `d = A^T s` along the six rows, element-wise over the channels.
+#[inline(always)]
+fn at6(s: [&[f32]; 6], d: [&mut [f32]; 4]) {
+    let [s0, s1, s2, s3, s4, s5] = s;
+    let [d0, d1, d2, d3] = d;
+    let n = d0.len();
+    let (s0, s1, s2, s3, s4, s5) = (&s0[..n], &s1[..n], &s2[..n], &s3[..n], &s4[..n], &s5[..n]);
+    let (d1, d2, d3) = (&mut d1[..n], &mut d2[..n], &mut d3[..n]);
+    for c in 0..n {
+        let (a0, a1, a2, a3, a4, a5) = (s0[c], s1[c], s2[c], s3[c], s4[c], s5[c]);
+        let (p12, m12, p34, m34) = (a1 + a2, a1 - a2, a3 + a4, a3 - a4);
+        d0[c] = a0 + p12 + p34;
+        d1[c] = m12 + 2.0 * m34;
+        d2[c] = p12 + 4.0 * p34;
+        d3[c] = m12 + 8.0 * m34 + a5;
+    }
+}
+
+impl CustomOp1 for Conv3x3 {
+    fn name(&self) -> &'static str {
+        "winograd-conv3x3"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (n, h, w, c) = layout.shape().dims4()?;
+        if c != self.cin {
+            candle_core::bail!("Conv3x3: input has {c} channels, expected {}", self.cin);
+        }
+        let CpuStorage::F32(data) = storage else {
+            candle_core::bail!("Conv3x3 takes f32 input");
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("Conv3x3 takes a contiguous input");
+        };
+        let out = self.run(&data[start..end], n, h, w);
+        Ok((CpuStorage::F32(out), Shape::from((n, h, w, self.cout))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Module};
+
+    /// Input transform rows `B^T` (6x6) of F(4x4, 3x3).
+#[rustfmt::skip]
+const BT: [[f64; 6]; 6] = [
+    [4.0, 0.0, -5.0, 0.0, 1.0, 0.0],
+    [0.0, -4.0, -4.0, 1.0, 1.0, 0.0],
+    [0.0, 4.0, -4.0, -1.0, 1.0, 0.0],
+    [0.0, -2.0, -1.0, 2.0, 1.0, 0.0],
+    [0.0, 2.0, -1.0, -2.0, 1.0, 0.0],
+    [0.0, 4.0, 0.0, -5.0, 0.0, 1.0],
+];
+
+    /// Output transform `A^T` (4x6).
+#[rustfmt::skip]
+const AT: [[f64; 6]; 4] = [
+    [1.0, 1.0, 1.0, 1.0, 1.0, 0.0],
+    [0.0, 1.0, -1.0, 2.0, -2.0, 0.0],
+    [0.0, 1.0, 1.0, 4.0, 4.0, 0.0],
+    [0.0, 1.0, -1.0, 8.0, -8.0, 1.0],
+];
+
+    #[test]
+    fn unrolled_transforms_match_their_matrices() {
+        let s: Vec<Vec<f32>> = (0..6)
+            .map(|k| vec![(k * k) as f32 * 0.37 - 1.1, k as f32])
+            .collect();
+        let rows: [&[f32]; 6] = std::array::from_fn(|k| s[k].as_slice());
+        let mut d = vec![vec![0f32; 2]; 6];
+        {
+            let mut it = d.iter_mut().map(|r| r.as_mut_slice());
+            bt6(rows, std::array::from_fn(|_| it.next().unwrap()));
+        }
+        for (i, row) in BT.iter().enumerate() {
+            for c in 0..2 {
+                let want: f64 = (0..6).map(|k| row[k] * s[k][c] as f64).sum();
+                assert!((d[i][c] as f64 - want).abs() < 1e-5, "B^T row {i}");
+            }
+        }
+        let mut d = vec![vec![0f32; 2]; 4];
+        {
+            let mut it = d.iter_mut().map(|r| r.as_mut_slice());
+            at6(rows, std::array::from_fn(|_| it.next().unwrap()));
+        }
+        for (a, row) in AT.iter().enumerate() {
+            for c in 0..2 {
+                let want: f64 = (0..6).map(|k| row[k] * s[k][c] as f64).sum();
+                assert!((d[a][c] as f64 - want).abs() < 1e-5, "A^T row {a}");
+            }
+        }
+    }
+
+    /// The reference: candle's direct convolution on NCHW, then the same activation.
+    fn reference(
+        x_nhwc: &Tensor,
+        weight: &Tensor,
+        bias: &Tensor,
+        act: &Activation,
+    ) -> Result<Tensor> {
+        let conv = candle_nn::Conv2d::new(
+            weight.clone(),
+            Some(bias.clone()),
+            candle_nn::Conv2dConfig {
+                padding: 1,
+                ..Default::default()
+            },
+        );
+        let y = conv.forward(&x_nhwc.permute((0, 3, 1, 2))?.contiguous()?)?;
+        let y = match act {
+            Activation::None => y,
+            Activation::LeakyRelu(s) => candle_nn::ops::leaky_relu(&y, *s as f64)?,
+            Activation::PRelu(s) => {
+                let slopes = Tensor::new(s.as_slice(), y.device())?;
+                candle_nn::PReLU::new(slopes, false).forward(&y)?
+            }
+        };
+        y.permute((0, 2, 3, 1))?.contiguous()
+    }
+
+    fn check(n: usize, h: usize, w: usize, cin: usize, cout: usize, act: Activation) {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (n, h, w, cin), &dev).unwrap();
+        let scale = (1.0 / (9.0 * cin as f64)).sqrt() as f32;
+        let weight =
+            (Tensor::randn(0f32, 1.0, (cout, cin, 3, 3), &dev).unwrap() * scale as f64).unwrap();
+        let bias = Tensor::randn(0f32, 0.1, cout, &dev).unwrap();
+        let conv = Conv3x3::new(&weight, Some(&bias), act.clone()).unwrap();
+        let fast = conv.forward(&x).unwrap();
+        let want = reference(&x, &weight, &bias, &act).unwrap();
+        assert_eq!(fast.dims(), want.dims());
+        let fast: Vec<f32> = fast.flatten_all().unwrap().to_vec1().unwrap();
+        let want: Vec<f32> = want.flatten_all().unwrap().to_vec1().unwrap();
+        let worst = fast
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs() / (1.0 + b.abs()))
+            .fold(0f32, f32::max);
+        // Outputs are O(1); f32 rounding of a few hundred terms stays far below this.
+        assert!(
+            worst < 2e-5,
+            "n{n} {h}x{w} {cin}->{cout} {act:?}: worst relative difference {worst}"
+        );
+    }
+
+    #[test]
+    fn matches_candle_on_odd_sizes_and_channel_counts() {
+        for (h, w) in [
+            (1, 1),
+            (1, 7),
+            (5, 1),
+            (3, 3),
+            (4, 4),
+            (5, 9),
+            (13, 6),
+            (17, 23),
+        ] {
+            for (cin, cout) in [(1, 1), (3, 5), (7, 2), (16, 16)] {
+                check(1, h, w, cin, cout, Activation::None);
+            }
+        }
+    }
+
+    #[test]
+    fn fuses_bias_and_activations() {
+        check(1, 9, 11, 8, 6, Activation::LeakyRelu(0.2));
+        let slopes = (0..6).map(|i| 0.05 * i as f32 - 0.1).collect();
+        check(1, 10, 7, 5, 6, Activation::PRelu(slopes));
+    }
+
+    #[test]
+    fn batches_wide_channels_and_many_blocks() {
+        check(2, 6, 5, 3, 4, Activation::None);
+        check(1, 21, 19, 64, 32, Activation::LeakyRelu(0.2));
+        check(1, 67, 70, 4, 3, Activation::None);
+    }
+
+    #[test]
+    fn refuses_wrong_inputs() {
+        let dev = Device::Cpu;
+        let weight = Tensor::zeros((2, 3, 3, 3), DType::F32, &dev).unwrap();
+        let conv = Conv3x3::new(&weight, None, Activation::None).unwrap();
+        let bad = Tensor::zeros((1, 4, 4, 2), DType::F32, &dev).unwrap();
+        assert!(conv.forward(&bad).is_err());
+        let wrong_kernel = Tensor::zeros((2, 3, 1, 1), DType::F32, &dev).unwrap();
+        assert!(Conv3x3::new(&wrong_kernel, None, Activation::None).is_err());
+    }
+}
