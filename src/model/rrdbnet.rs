@@ -7,7 +7,7 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{conv2d, Conv2d, Conv2dConfig, VarBuilder};
 
-use super::fastconv::{Activation, Conv3x3};
+use super::fastconv::{Activation, Conv3x3, Epilogue, Io, Residual};
 
 /// Shape of an RRDBNet. `scale` is the overall upscaling factor (1, 2 or 4); for 1 and 2 the
 /// input is pixel-unshuffled first, exactly as BasicSR does, so the body always works at a
@@ -226,6 +226,8 @@ impl Module for RrdbNet {
 #[derive(Debug, Clone)]
 pub struct FastRrdbNet {
     scale: usize,
+    /// Channels per pixel of the trunk's buffers: num_feat + 4 * num_grow_ch.
+    stride: usize,
     conv_first: Conv3x3,
     /// Per RRDB, per dense block, the five convolutions.
     body: Vec<[[Conv3x3; 5]; 3]>,
@@ -264,8 +266,17 @@ impl FastRrdbNet {
                 ])
             })
             .collect::<Result<Vec<_>>>()?;
+        let stride = net.cfg.num_feat + 4 * net.cfg.num_grow_ch;
+        for block in body.iter().flatten() {
+            for conv in &block[..4] {
+                if conv.in_channels() + conv.out_channels() > stride {
+                    candle_core::bail!("dense convolution wider than the trunk buffer");
+                }
+            }
+        }
         Ok(Self {
             scale: net.cfg.scale,
+            stride,
             conv_first: fast(&net.conv_first, Activation::None)?,
             body,
             conv_body: fast(&net.conv_body, Activation::None)?,
@@ -276,14 +287,86 @@ impl FastRrdbNet {
         })
     }
 
-    fn dense_block(convs: &[Conv3x3; 5], x: &Tensor) -> Result<Tensor> {
-        let mut feats = x.clone();
-        for conv in &convs[..4] {
-            let y = conv.forward(&feats)?;
-            feats = Tensor::cat(&[&feats, &y], 3)?;
+    /// The trunk: the RRDB blocks and `conv_body`, with the skip from `conv_first`, on
+    /// three channels-last buffers of `num_feat + 4 * num_grow_ch` channels per pixel. Each
+    /// dense convolution reads the channel prefix it needs and writes its own slice, so
+    /// nothing is concatenated, and the residual sums are fused into the last convolution of
+    /// each dense block.
+    fn trunk(&self, feat: &[f32], n: usize, h: usize, w: usize) -> Vec<f32> {
+        let nf = self.conv_first.out_channels();
+        let stride = self.stride;
+        let px = n * h * w;
+        // x: each RRDB's input, and its output in channels 0..nf; t1, t2: the inputs of the
+        // second and third dense blocks. Channels past nf are the dense blocks' growth.
+        let mut x = vec![0f32; px * stride];
+        let mut t1 = vec![0f32; px * stride];
+        let mut t2 = vec![0f32; px * stride];
+        for (dst, src) in x.chunks_exact_mut(stride).zip(feat.chunks_exact(nf)) {
+            dst[..nf].copy_from_slice(src);
         }
-        let x5 = convs[4].forward(&feats)?;
-        (x5 * 0.2)? + x
+        let (x, t1, t2) = (x.as_mut_ptr(), t1.as_mut_ptr(), t2.as_mut_ptr());
+        let res = |ptr: *mut f32, scale: f32| Some(Residual { ptr, stride, scale });
+        let dense = |convs: &[Conv3x3; 5], src: *mut f32, dst: *mut f32, epilogue: Epilogue| {
+            for conv in &convs[..4] {
+                let io = Io {
+                    src,
+                    src_stride: stride,
+                    // SAFETY: in + out channels <= stride, checked in `new`.
+                    dst: unsafe { src.add(conv.in_channels()) },
+                    dst_stride: stride,
+                    epilogue: Epilogue::default(),
+                };
+                // SAFETY: reads channels [0, c), writes [c, c + grow) of the same buffer.
+                unsafe { conv.run_raw(io, n, h, w) };
+            }
+            let io = Io {
+                src,
+                src_stride: stride,
+                dst,
+                dst_stride: stride,
+                epilogue,
+            };
+            // SAFETY: reads all of `src`, writes channels [0, nf) of another buffer, whose
+            // only other use in this call is as a per-pixel residual.
+            unsafe { convs[4].run_raw(io, n, h, w) };
+        };
+        for rrdb in &self.body {
+            // A dense block: 0.2 * conv5 + its input.
+            let rdb = |src| Epilogue {
+                scale: 0.2,
+                residuals: [res(src, 1.0), None],
+            };
+            dense(&rrdb[0], x, t1, rdb(x));
+            dense(&rrdb[1], t1, t2, rdb(t1));
+            // The RRDB: 0.2 * (0.2 * conv5 + t2) + x, written over x.
+            let last = Epilogue {
+                scale: 0.04,
+                residuals: [res(t2, 0.2), res(x, 1.0)],
+            };
+            dense(&rrdb[2], t2, x, last);
+        }
+        // feat + conv_body(trunk)
+        let mut out = vec![0f32; px * nf];
+        let io = Io {
+            src: x,
+            src_stride: stride,
+            dst: out.as_mut_ptr(),
+            dst_stride: nf,
+            epilogue: Epilogue {
+                scale: 1.0,
+                residuals: [
+                    Some(Residual {
+                        ptr: feat.as_ptr(),
+                        stride: nf,
+                        scale: 1.0,
+                    }),
+                    None,
+                ],
+            },
+        };
+        // SAFETY: separate buffers of `px` pixels each.
+        unsafe { self.conv_body.run_raw(io, n, h, w) };
+        out
     }
 }
 
@@ -296,15 +379,9 @@ impl Module for FastRrdbNet {
             _ => xs.clone(),
         };
         let feat = self.conv_first.forward(&to_nhwc(&feat)?)?;
-        let mut body = feat.clone();
-        for rrdb in &self.body {
-            let mut out = body.clone();
-            for rdb in rrdb {
-                out = Self::dense_block(rdb, &out)?;
-            }
-            body = ((out * 0.2)? + &body)?;
-        }
-        let feat = (feat + self.conv_body.forward(&body)?)?;
+        let (n, h, w, c) = feat.dims4()?;
+        let trunk = self.trunk(&feat.flatten_all()?.to_vec1::<f32>()?, n, h, w);
+        let feat = Tensor::from_vec(trunk, (n, h, w, c), xs.device())?;
         let feat = self.conv_up1.forward(&upsample2x_nhwc(&feat)?)?;
         let feat = self.conv_up2.forward(&upsample2x_nhwc(&feat)?)?;
         let out = self.conv_last.forward(&self.conv_hr.forward(&feat)?)?;
