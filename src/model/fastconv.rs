@@ -115,9 +115,20 @@ impl Conv3x3 {
         fit.min(spread)
     }
 
-    /// The whole convolution on a contiguous NHWC buffer.
-    pub fn run(&self, input: &[f32], n: usize, h: usize, w: usize) -> Vec<f32> {
-        assert_eq!(input.len(), n * h * w * self.cin, "input size");
+    /// Like `forward`, on the input upsampled 2x (nearest) first: `(n, 2h, 2w, cout)` out.
+    pub fn forward_upsampled(&self, xs: &Tensor) -> Result<Tensor> {
+        xs.apply_op1_no_bwd(&Upsampled(self))
+    }
+
+    /// The whole convolution on a contiguous NHWC buffer of `h x w` pixels, or of
+    /// `h/2 x w/2` pixels read through a 2x nearest upsampling if `upsample`.
+    pub fn run(&self, input: &[f32], n: usize, h: usize, w: usize, upsample: bool) -> Vec<f32> {
+        let src_px = if upsample { (h / 2) * (w / 2) } else { h * w };
+        assert!(
+            !upsample || (h % 2 == 0 && w % 2 == 0),
+            "upsampled size is even"
+        );
+        assert_eq!(input.len(), n * src_px * self.cin, "input size");
         let mut out = vec![0f32; n * h * w * self.cout];
         let io = Io {
             src: input.as_ptr(),
@@ -125,6 +136,7 @@ impl Conv3x3 {
             dst: out.as_mut_ptr(),
             dst_stride: self.cout,
             epilogue: Epilogue::default(),
+            upsample,
         };
         // SAFETY: separate buffers of the sizes asserted above.
         unsafe { self.run_raw(io, n, h, w) };
@@ -148,9 +160,8 @@ impl Conv3x3 {
         let block = self.block_tiles(tiles);
         let blocks = tiles.div_ceil(block);
         let level = SimdLevel::detect();
-        (0..n * blocks).into_par_iter().for_each_init(
-            || Scratch::new(block, cin, cout),
-            |scratch, job| {
+        (0..n * blocks).into_par_iter().for_each(|job| {
+            Scratch::with(block, cin, cout, |scratch| {
                 let (img, b) = (job / blocks, job % blocks);
                 let first = b * block;
                 let work = Block {
@@ -161,8 +172,8 @@ impl Conv3x3 {
                     block,
                 };
                 level.dispatch(self, work, scratch);
-            },
-        );
+            })
+        });
     }
 
     /// Transforms, multiplies and writes one block of tiles. Inlined into a copy per
@@ -188,8 +199,11 @@ impl Conv3x3 {
             (tile % geom.tw * 4) as isize - 1,
         );
         // The `cin` channels of pixel (y, x); the caller of `run_raw` keeps them unwritten.
+        let shift = io.upsample as usize;
+        let src_w = geom.w >> shift;
         let pixel = |y: usize, x: usize| unsafe {
-            std::slice::from_raw_parts(io.src.add((y * geom.w + x) * io.src_stride), cin)
+            let at = (y >> shift) * src_w + (x >> shift);
+            std::slice::from_raw_parts(io.src.add(at * io.src_stride), cin)
         };
         let inside = y0 >= 0 && x0 >= 0 && y0 as usize + 6 <= geom.h && x0 as usize + 6 <= geom.w;
         if inside {
@@ -351,6 +365,9 @@ pub struct Io {
     pub dst: *mut f32,
     pub dst_stride: usize,
     pub epilogue: Epilogue,
+    /// The input is the image at half the output's height and width, read through a
+    /// nearest-neighbour 2x upsampling (so the upsampled image is never stored).
+    pub upsample: bool,
 }
 
 // SAFETY: `run_raw`'s contract makes the threads' accesses disjoint.
@@ -361,7 +378,8 @@ impl Io {
     /// The same buffers, `pixels` further on (the next image of a batch).
     unsafe fn image(&self, pixels: usize) -> Self {
         let mut io = *self;
-        io.src = io.src.add(pixels * io.src_stride);
+        let src_pixels = if io.upsample { pixels / 4 } else { pixels };
+        io.src = io.src.add(src_pixels * io.src_stride);
         io.dst = io.dst.add(pixels * io.dst_stride);
         for r in io.epilogue.residuals.iter_mut().flatten() {
             r.ptr = r.ptr.add(pixels * r.stride);
@@ -469,16 +487,40 @@ struct Scratch {
     y: Vec<f32>,
 }
 
+thread_local! {
+    /// Each thread's scratch, kept between calls: a network makes hundreds of calls per pass.
+    static SCRATCH: std::cell::RefCell<Scratch> = const {
+        std::cell::RefCell::new(Scratch {
+            patch: Vec::new(),
+            tmp_in: Vec::new(),
+            v: Vec::new(),
+            m: Vec::new(),
+            tmp_out: Vec::new(),
+            y: Vec::new(),
+        })
+    };
+}
+
 impl Scratch {
-    fn new(block: usize, cin: usize, cout: usize) -> Self {
-        Self {
-            patch: vec![0.0; 36 * cin],
-            tmp_in: vec![0.0; 36 * cin],
-            v: vec![0.0; 36 * block * cin],
-            m: vec![0.0; 36 * block * cout],
-            tmp_out: vec![0.0; 24 * cout],
-            y: vec![0.0; 16 * cout],
-        }
+    /// Runs `f` with this thread's scratch, grown to fit `block` tiles of `cin -> cout`.
+    fn with<R>(block: usize, cin: usize, cout: usize, f: impl FnOnce(&mut Self) -> R) -> R {
+        SCRATCH.with(|cell| {
+            let mut guard = cell.borrow_mut();
+            let s = &mut *guard;
+            for (buf, len) in [
+                (&mut s.patch, 36 * cin),
+                (&mut s.tmp_in, 36 * cin),
+                (&mut s.v, 36 * block * cin),
+                (&mut s.m, 36 * block * cout),
+                (&mut s.tmp_out, 24 * cout),
+                (&mut s.y, 16 * cout),
+            ] {
+                if buf.len() < len {
+                    buf.resize(len, 0.0);
+                }
+            }
+            f(s)
+        })
     }
 }
 
@@ -548,6 +590,30 @@ impl CustomOp1 for Conv3x3 {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.apply(storage, layout, false)
+    }
+}
+
+/// The convolution of the 2x nearest-upsampled input (`Conv3x3::forward_upsampled`).
+struct Upsampled<'a>(&'a Conv3x3);
+
+impl CustomOp1 for Upsampled<'_> {
+    fn name(&self) -> &'static str {
+        "winograd-conv3x3-upsampled"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.0.apply(storage, layout, true)
+    }
+}
+
+impl Conv3x3 {
+    fn apply(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+        upsample: bool,
+    ) -> Result<(CpuStorage, Shape)> {
         let (n, h, w, c) = layout.shape().dims4()?;
         if c != self.cin {
             candle_core::bail!("Conv3x3: input has {c} channels, expected {}", self.cin);
@@ -558,7 +624,8 @@ impl CustomOp1 for Conv3x3 {
         let Some((start, end)) = layout.contiguous_offsets() else {
             candle_core::bail!("Conv3x3 takes a contiguous input");
         };
-        let out = self.run(&data[start..end], n, h, w);
+        let (h, w) = if upsample { (2 * h, 2 * w) } else { (h, w) };
+        let out = self.run(&data[start..end], n, h, w, upsample);
         Ok((CpuStorage::F32(out), Shape::from((n, h, w, self.cout))))
     }
 }
@@ -702,6 +769,100 @@ const AT: [[f64; 6]; 4] = [
         check(2, 6, 5, 3, 4, Activation::None);
         check(1, 21, 19, 64, 32, Activation::LeakyRelu(0.2));
         check(1, 67, 70, 4, 3, Activation::None);
+    }
+
+    fn close(a: &Tensor, b: &Tensor) -> f32 {
+        assert_eq!(a.dims(), b.dims());
+        let a: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
+        let b: Vec<f32> = b.flatten_all().unwrap().to_vec1().unwrap();
+        a.iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs() / (1.0 + y.abs()))
+            .fold(0f32, f32::max)
+    }
+
+    fn random_conv(cin: usize, cout: usize, act: Activation) -> (Conv3x3, Tensor, Tensor) {
+        let dev = Device::Cpu;
+        let scale = (1.0 / (9.0 * cin as f64)).sqrt();
+        let weight = (Tensor::randn(0f32, 1.0, (cout, cin, 3, 3), &dev).unwrap() * scale).unwrap();
+        let bias = Tensor::randn(0f32, 0.1, cout, &dev).unwrap();
+        let conv = Conv3x3::new(&weight, Some(&bias), act).unwrap();
+        (conv, weight, bias)
+    }
+
+    #[test]
+    fn upsampled_input_matches_upsample_then_convolve() {
+        for (h, w) in [(1, 1), (3, 5), (6, 7)] {
+            let (conv, weight, bias) = random_conv(5, 4, Activation::LeakyRelu(0.2));
+            let x = Tensor::randn(0f32, 1.0, (2, h, w, 5), &Device::Cpu).unwrap();
+            let up = x
+                .permute((0, 3, 1, 2))
+                .unwrap()
+                .upsample_nearest2d(2 * h, 2 * w)
+                .unwrap()
+                .permute((0, 2, 3, 1))
+                .unwrap()
+                .contiguous()
+                .unwrap();
+            let want = reference(&up, &weight, &bias, &Activation::LeakyRelu(0.2)).unwrap();
+            let got = conv.forward_upsampled(&x).unwrap();
+            assert!(close(&got, &want) < 6e-5, "{h}x{w}");
+        }
+    }
+
+    /// Strided input and output inside wider buffers, a scale and two residuals, one of them
+    /// the output itself (as RRDBNet's trunk uses them).
+    #[test]
+    fn strided_io_and_residual_epilogue() {
+        let (n, h, w, stride) = (2, 7, 9, 12);
+        let (conv, weight, bias) = random_conv(5, 4, Activation::None);
+        let dev = Device::Cpu;
+        let buf = Tensor::randn(0f32, 1.0, (n, h, w, stride), &dev).unwrap();
+        let other = Tensor::randn(0f32, 1.0, (n, h, w, 4), &dev).unwrap();
+        let mut data: Vec<f32> = buf.flatten_all().unwrap().to_vec1().unwrap();
+        let other_data: Vec<f32> = other.flatten_all().unwrap().to_vec1().unwrap();
+        let input = buf.narrow(3, 0, 5).unwrap().contiguous().unwrap();
+        let old_out = buf.narrow(3, 6, 4).unwrap();
+        let conv_ref = reference(&input, &weight, &bias, &Activation::None).unwrap();
+        // Written at channels 6..10: 0.5 * conv + 2 * (old channels 6..10) - other.
+        let want = ((conv_ref * 0.5).unwrap() + (old_out * 2.0).unwrap() - &other).unwrap();
+        let base = data.as_mut_ptr();
+        let io = Io {
+            src: base,
+            src_stride: stride,
+            dst: unsafe { base.add(6) },
+            dst_stride: stride,
+            epilogue: Epilogue {
+                scale: 0.5,
+                residuals: [
+                    Some(Residual {
+                        ptr: unsafe { base.add(6) },
+                        stride,
+                        scale: 2.0,
+                    }),
+                    Some(Residual {
+                        ptr: other_data.as_ptr(),
+                        stride: 4,
+                        scale: -1.0,
+                    }),
+                ],
+            },
+            upsample: false,
+        };
+        // SAFETY: reads channels 0..5, writes 6..10 of the same buffer; residuals per pixel.
+        unsafe { conv.run_raw(io, n, h, w) };
+        let after = Tensor::from_vec(data, (n, h, w, stride), &dev).unwrap();
+        let got = after.narrow(3, 6, 4).unwrap();
+        assert!(close(&got, &want) < 6e-5);
+        // Channels outside the output are untouched.
+        let untouched = |t: &Tensor| {
+            Tensor::cat(
+                &[t.narrow(3, 0, 6).unwrap(), t.narrow(3, 10, 2).unwrap()],
+                3,
+            )
+            .unwrap()
+        };
+        assert_eq!(close(&untouched(&after), &untouched(&buf)), 0.0);
     }
 
     #[test]

@@ -315,6 +315,7 @@ impl FastRrdbNet {
                     dst: unsafe { src.add(conv.in_channels()) },
                     dst_stride: stride,
                     epilogue: Epilogue::default(),
+                    upsample: false,
                 };
                 // SAFETY: reads channels [0, c), writes [c, c + grow) of the same buffer.
                 unsafe { conv.run_raw(io, n, h, w) };
@@ -325,6 +326,7 @@ impl FastRrdbNet {
                 dst,
                 dst_stride: stride,
                 epilogue,
+                upsample: false,
             };
             // SAFETY: reads all of `src`, writes channels [0, nf) of another buffer, whose
             // only other use in this call is as a per-pixel residual.
@@ -363,6 +365,7 @@ impl FastRrdbNet {
                     None,
                 ],
             },
+            upsample: false,
         };
         // SAFETY: separate buffers of `px` pixels each.
         unsafe { self.conv_body.run_raw(io, n, h, w) };
@@ -382,8 +385,8 @@ impl Module for FastRrdbNet {
         let (n, h, w, c) = feat.dims4()?;
         let trunk = self.trunk(&feat.flatten_all()?.to_vec1::<f32>()?, n, h, w);
         let feat = Tensor::from_vec(trunk, (n, h, w, c), xs.device())?;
-        let feat = self.conv_up1.forward(&upsample2x_nhwc(&feat)?)?;
-        let feat = self.conv_up2.forward(&upsample2x_nhwc(&feat)?)?;
+        let feat = self.conv_up1.forward_upsampled(&feat)?;
+        let feat = self.conv_up2.forward_upsampled(&feat)?;
         let out = self.conv_last.forward(&self.conv_hr.forward(&feat)?)?;
         out.permute((0, 3, 1, 2))?.contiguous()
     }
@@ -392,13 +395,4 @@ impl Module for FastRrdbNet {
 /// NCHW to a contiguous NHWC tensor.
 pub(crate) fn to_nhwc(xs: &Tensor) -> Result<Tensor> {
     xs.permute((0, 2, 3, 1))?.contiguous()
-}
-
-/// Nearest-neighbour 2x upsampling of an NHWC tensor.
-fn upsample2x_nhwc(xs: &Tensor) -> Result<Tensor> {
-    let (n, h, w, c) = xs.dims4()?;
-    xs.reshape((n, h, 1, w, 1, c))?
-        .broadcast_as((n, h, 2, w, 2, c))?
-        .contiguous()?
-        .reshape((n, h * 2, w * 2, c))
 }
