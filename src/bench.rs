@@ -13,6 +13,8 @@ use crate::model::{Model, ModelError};
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchResult {
     pub model: String,
+    /// `fast` (the Winograd CPU path) or `reference` (candle's convolutions).
+    pub path: &'static str,
     pub width: usize,
     pub height: usize,
     pub runs: usize,
@@ -51,6 +53,7 @@ pub fn bench_forward(model: &Model, size: usize, runs: usize) -> Result<BenchRes
     let gflop = 2.0 * model.spec().arch.macs_per_input_pixel() as f64 * (size * size) as f64 / 1e9;
     Ok(BenchResult {
         model: model.spec().name.to_string(),
+        path: if model.is_fast() { "fast" } else { "reference" },
         width: size,
         height: size,
         runs: times.len(),

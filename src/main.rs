@@ -130,6 +130,9 @@ enum Command {
         /// Print one JSON object per case instead of a table.
         #[arg(long)]
         json: bool,
+        /// Time candle's own convolutions (the reference) instead of the fast CPU path.
+        #[arg(long)]
+        reference: bool,
     },
 }
 
@@ -295,6 +298,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             runs,
             weights_dir,
             json,
+            reference,
         } => {
             let names: Vec<String> = if models.is_empty() {
                 registry::REGISTRY
@@ -307,8 +311,8 @@ fn run(command: Command) -> anyhow::Result<()> {
             };
             if !json {
                 println!(
-                    "{:<24} {:>9} {:>10} {:>10} {:>9} {:>10}",
-                    "model", "input", "s/pass", "GFLOP", "GFLOP/s", "peak RSS"
+                    "{:<24} {:>9} {:>9} {:>10} {:>10} {:>9} {:>10}",
+                    "model", "path", "input", "s/pass", "GFLOP", "GFLOP/s", "peak RSS"
                 );
             }
             for name in names {
@@ -318,6 +322,7 @@ fn run(command: Command) -> anyhow::Result<()> {
                     weights: None,
                 };
                 let model = args.load()?;
+                let model = if reference { model.reference() } else { model };
                 for &size in &sizes {
                     let r = upscaler::bench::bench_forward(&model, size, runs)?;
                     if json {
@@ -328,8 +333,9 @@ fn run(command: Command) -> anyhow::Result<()> {
                             .map(|b| format!("{} MiB", b >> 20))
                             .unwrap_or_default();
                         println!(
-                            "{:<24} {:>9} {:>10.3} {:>10.1} {:>9.1} {:>10}",
+                            "{:<24} {:>9} {:>9} {:>10.3} {:>10.1} {:>9.1} {:>10}",
                             r.model,
+                            r.path,
                             format!("{}x{}", r.width, r.height),
                             r.seconds,
                             r.gflop,

@@ -33,13 +33,14 @@ impl Arch {
         }
     }
 
-    /// Working memory of one forward pass per input pixel, in bytes, on the CPU backend.
+    /// Working memory of one forward pass per input pixel, in bytes, on the fast CPU path.
     /// Used to pick a tile size from a memory budget. Measured with `upscaler bench` as the
-    /// growth of peak RSS between input sizes (x4plus 64->96 px: 28.6 KiB/px; animevideov3
-    /// 256->512 px: 1.5 KiB/px), rounded up; both scale with the output pixels per input pixel.
+    /// growth of peak RSS between input sizes (x4plus 128->256->384 px: 9.7-9.9 KB/px;
+    /// animevideov3 128->512 px: 1.0 KB/px), rounded up with a margin; both scale with the
+    /// output pixels per input pixel.
     pub fn peak_bytes_per_input_pixel(&self) -> u64 {
         match self {
-            Arch::RrdbNet(c) => 32 * 1024 * (c.scale * c.scale) as u64 / 16,
+            Arch::RrdbNet(c) => 12 * 1024 * (c.scale * c.scale) as u64 / 16,
             Arch::SrVgg(c) => 2 * 1024 * (c.upscale * c.upscale) as u64 / 16,
         }
     }

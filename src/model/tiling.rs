@@ -128,10 +128,30 @@ pub fn run(
     };
     report(0)?;
 
+    // Time in the network alone, so the overhead around it can be measured (debug log).
+    let mut network = std::time::Duration::ZERO;
+    let mut forward = |x: &Tensor| {
+        let start = std::time::Instant::now();
+        let out = model.forward(x);
+        network += start.elapsed();
+        out
+    };
+    let started = std::time::Instant::now();
+    let log_split = |network: std::time::Duration| {
+        tracing::debug!(
+            passes = total,
+            network_s = network.as_secs_f64(),
+            total_s = started.elapsed().as_secs_f64(),
+            "tiled run finished"
+        );
+    };
+
     if opts.tile == 0 {
-        let out = model.forward(&padded)?;
+        let out = forward(&padded)?;
         sink.put(0, 0, &out.narrow(2, 0, out_h)?.narrow(3, 0, out_w)?)?;
-        return report(1);
+        report(1)?;
+        log_split(network);
+        return Ok(());
     }
     if opts.tile % mod_scale(scale) != 0 {
         return Err(ModelError::Tiling(format!(
@@ -152,7 +172,7 @@ pub fn run(
                 .narrow(2, py0, py1 - py0)?
                 .narrow(3, px0, px1 - px0)?
                 .contiguous()?;
-            let out = model.forward(&input)?;
+            let out = forward(&input)?;
             // The centre of the tile, clipped to the final output (pre/mod pad is dropped).
             let (oy, ox) = (y0 * scale, x0 * scale);
             let (oh, ow) = ((y1 - y0) * scale, (x1 - x0) * scale);
@@ -170,6 +190,7 @@ pub fn run(
             report(done)?;
         }
     }
+    log_split(network);
     Ok(())
 }
 
