@@ -469,7 +469,7 @@ fn bad_bytes_are_refused_before_inference() {
 
 /// The fast CPU path (Winograd, channels-last) against candle's own convolutions, on every
 /// architecture: the shipped weights, random weights for the x2 and 32-conv shapes, and sizes
-/// that are not multiples of the 4x4 Winograd tile (even, for x2's pixel unshuffle).
+/// that are not multiples of the 6x6 Winograd output tile (even, for x2's pixel unshuffle).
 #[test]
 fn fast_path_matches_the_reference_networks() {
     let models = [

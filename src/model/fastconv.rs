@@ -1,11 +1,11 @@
 //! A fast 3x3, stride 1, padding 1 convolution for the CPU: channels-last (NHWC) tensors,
-//! Winograd F(4x4, 3x3) with the weights transformed once at load, the 36 per-position
+//! Winograd F(6x6, 3x3) with the weights transformed once at load, the 36 per-position
 //! products through the `gemm` crate, and bias plus activation fused into the output
 //! transform. Blocks of tiles are spread over rayon's threads.
 //!
-//! Winograd F(4x4, 3x3) computes a 4x4 output tile from a 6x6 input tile with 36
-//! multiplications per channel pair instead of 144; the transforms (Lavin and Gray, 2015,
-//! points 0, ±1, ±2, ±1/2) cost additions only. candle's `conv2d` stays the reference: tests
+//! Winograd F(6x6, 3x3) computes a 6x6 output tile from an 8x8 input tile with 64
+//! multiplications per channel pair instead of 324; the transforms (Lavin and Gray, 2015,
+//! points 0, ±1, ±2, ±1/2 and infinity) cost additions and multiplications by constants. candle's `conv2d` stays the reference: tests
 //! compare the two on random tensors.
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
@@ -31,14 +31,21 @@ pub struct Conv3x3 {
     act: Activation,
 }
 
-/// Kernel transform `G` (6x3).
+/// Output tile edge, input tile edge and the number of transform positions.
+const OUT: usize = 6;
+const IN: usize = 8;
+const POS: usize = IN * IN;
+
+/// Kernel transform `G` (8x3).
 #[rustfmt::skip]
-const G: [[f64; 3]; 6] = [
-    [1.0 / 4.0, 0.0, 0.0],
-    [-1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0],
-    [-1.0 / 6.0, 1.0 / 6.0, -1.0 / 6.0],
-    [1.0 / 24.0, 1.0 / 12.0, 1.0 / 6.0],
-    [1.0 / 24.0, -1.0 / 12.0, 1.0 / 6.0],
+const G: [[f64; 3]; IN] = [
+    [1.0, 0.0, 0.0],
+    [-2.0 / 9.0, -2.0 / 9.0, -2.0 / 9.0],
+    [-2.0 / 9.0, 2.0 / 9.0, -2.0 / 9.0],
+    [1.0 / 90.0, 1.0 / 45.0, 2.0 / 45.0],
+    [1.0 / 90.0, -1.0 / 45.0, 2.0 / 45.0],
+    [32.0 / 45.0, 16.0 / 45.0, 8.0 / 45.0],
+    [32.0 / 45.0, -16.0 / 45.0, 8.0 / 45.0],
     [0.0, 0.0, 1.0],
 ];
 
@@ -66,20 +73,20 @@ impl Conv3x3 {
             }
         }
         // U = G g G^T per (co, ci), computed in f64 and rounded once.
-        let mut u = vec![0f32; 36 * cin * cout];
+        let mut u = vec![0f32; POS * cin * cout];
         for co in 0..cout {
             for ci in 0..cin {
                 let g = &w[(co * cin + ci) * 9..][..9];
-                let mut gg = [[0f64; 3]; 6];
+                let mut gg = [[0f64; 3]; IN];
                 for (i, row) in gg.iter_mut().enumerate() {
                     for (j, v) in row.iter_mut().enumerate() {
                         *v = (0..3).map(|k| G[i][k] * g[k * 3 + j]).sum();
                     }
                 }
-                for i in 0..6 {
-                    for j in 0..6 {
+                for i in 0..IN {
+                    for j in 0..IN {
                         let v: f64 = (0..3).map(|k| gg[i][k] * G[j][k]).sum();
-                        u[((i * 6 + j) * cin + ci) * cout + co] = v as f32;
+                        u[((i * IN + j) * cin + ci) * cout + co] = v as f32;
                     }
                 }
             }
@@ -108,7 +115,7 @@ impl Conv3x3 {
 
     /// Tiles per block: enough rows for the GEMMs, few enough to stay in cache.
     fn block_tiles(&self, tiles: usize) -> usize {
-        let per_tile = 36 * (self.cin + self.cout) * std::mem::size_of::<f32>();
+        let per_tile = POS * (self.cin + self.cout) * std::mem::size_of::<f32>();
         let fit = (BLOCK_BYTES / per_tile).clamp(16, 256);
         // Leave at least a few blocks per thread so the work balances.
         let spread = tiles.div_ceil(4 * rayon::current_num_threads()).max(8);
@@ -155,7 +162,7 @@ impl Conv3x3 {
         if n * h * w == 0 {
             return;
         }
-        let (th, tw) = (h.div_ceil(4), w.div_ceil(4));
+        let (th, tw) = (h.div_ceil(OUT), w.div_ceil(OUT));
         let tiles = th * tw;
         let block = self.block_tiles(tiles);
         let blocks = tiles.div_ceil(block);
@@ -195,8 +202,8 @@ impl Conv3x3 {
     fn input_tile(&self, work: &Block, tile: usize, slot: usize, s: &mut Scratch) {
         let (cin, geom, io) = (self.cin, &work.geom, &work.io);
         let (y0, x0) = (
-            (tile / geom.tw * 4) as isize - 1,
-            (tile % geom.tw * 4) as isize - 1,
+            (tile / geom.tw * OUT) as isize - 1,
+            (tile % geom.tw * OUT) as isize - 1,
         );
         // The `cin` channels of pixel (y, x); the caller of `run_raw` keeps them unwritten.
         let shift = io.upsample as usize;
@@ -205,22 +212,22 @@ impl Conv3x3 {
             let at = (y >> shift) * src_w + (x >> shift);
             std::slice::from_raw_parts(io.src.add(at * io.src_stride), cin)
         };
-        let inside = y0 >= 0 && x0 >= 0 && y0 as usize + 6 <= geom.h && x0 as usize + 6 <= geom.w;
+        let inside = y0 >= 0 && x0 >= 0 && y0 as usize + IN <= geom.h && x0 as usize + IN <= geom.w;
         if inside {
             // Columns straight from the image: tmp[i][j] = sum_k BT[i][k] d[k][j].
             let (y0, x0) = (y0 as usize, x0 as usize);
-            for j in 0..6 {
-                bt6(
+            for j in 0..IN {
+                bt8(
                     std::array::from_fn(|k| pixel(y0 + k, x0 + j)),
-                    strided_mut(&mut s.tmp_in, j * cin, 6 * cin, cin),
+                    strided_mut(&mut s.tmp_in, j * cin, IN * cin, cin),
                 );
             }
         } else {
-            for i in 0..6 {
+            for i in 0..IN {
                 let y = y0 + i as isize;
-                for j in 0..6 {
+                for j in 0..IN {
                     let x = x0 + j as isize;
-                    let dst = &mut s.patch[(i * 6 + j) * cin..][..cin];
+                    let dst = &mut s.patch[(i * IN + j) * cin..][..cin];
                     if y >= 0 && (y as usize) < geom.h && x >= 0 && (x as usize) < geom.w {
                         dst.copy_from_slice(pixel(y as usize, x as usize));
                     } else {
@@ -228,20 +235,20 @@ impl Conv3x3 {
                     }
                 }
             }
-            for j in 0..6 {
-                bt6(
-                    strided(&s.patch, j * cin, 6 * cin, cin),
-                    strided_mut(&mut s.tmp_in, j * cin, 6 * cin, cin),
+            for j in 0..IN {
+                bt8(
+                    strided(&s.patch, j * cin, IN * cin, cin),
+                    strided_mut(&mut s.tmp_in, j * cin, IN * cin, cin),
                 );
             }
         }
         // Rows: v[i][j] = sum_k tmp[i][k] BT[j][k].
-        for i in 0..6 {
-            bt6(
-                strided(&s.tmp_in, i * 6 * cin, cin, cin),
+        for i in 0..IN {
+            bt8(
+                strided(&s.tmp_in, i * IN * cin, cin, cin),
                 strided_mut(
                     &mut s.v,
-                    (i * 6 * work.block + slot) * cin,
+                    (i * IN * work.block + slot) * cin,
                     work.block * cin,
                     cin,
                 ),
@@ -252,7 +259,7 @@ impl Conv3x3 {
     /// `m[p] = v[p] x u[p]` for the 36 positions: (count x cin) times (cin x cout).
     fn multiply(&self, count: usize, block: usize, s: &mut Scratch) {
         let (cin, cout) = (self.cin, self.cout);
-        for p in 0..36 {
+        for p in 0..POS {
             let v = &s.v[p * block * cin..];
             let u = &self.u[p * cin * cout..][..cin * cout];
             let m = &mut s.m[p * block * cout..][..count * cout];
@@ -289,23 +296,23 @@ impl Conv3x3 {
     fn output_tile(&self, work: &Block, tile: usize, slot: usize, s: &mut Scratch) {
         let (cout, geom, io, block) = (self.cout, &work.geom, &work.io, work.block);
         // Columns: tmp[a][j] = sum_i AT[a][i] m[i][j].
-        for j in 0..6 {
-            at6(
-                strided(&s.m, (j * block + slot) * cout, 6 * block * cout, cout),
-                strided_mut(&mut s.tmp_out, j * cout, 6 * cout, cout),
+        for j in 0..IN {
+            at8(
+                strided(&s.m, (j * block + slot) * cout, IN * block * cout, cout),
+                strided_mut(&mut s.tmp_out, j * cout, IN * cout, cout),
             );
         }
         // Rows: y[a][b] = sum_j tmp[a][j] AT[b][j].
-        for a in 0..4 {
-            at6(
-                strided(&s.tmp_out, a * 6 * cout, cout, cout),
-                strided_mut(&mut s.y, a * 4 * cout, cout, cout),
+        for a in 0..OUT {
+            at8(
+                strided(&s.tmp_out, a * IN * cout, cout, cout),
+                strided_mut(&mut s.y, a * OUT * cout, cout, cout),
             );
         }
-        let (ty, tx) = (tile / geom.tw * 4, tile % geom.tw * 4);
-        for a in 0..4.min(geom.h - ty) {
-            for b in 0..4.min(geom.w - tx) {
-                let y = &mut s.y[(a * 4 + b) * cout..][..cout];
+        let (ty, tx) = (tile / geom.tw * OUT, tile % geom.tw * OUT);
+        for a in 0..OUT.min(geom.h - ty) {
+            for b in 0..OUT.min(geom.w - tx) {
+                let y = &mut s.y[(a * OUT + b) * cout..][..cout];
                 let at = (ty + a) * geom.w + tx + b;
                 self.finish(y, &io.epilogue, at);
                 // SAFETY: this thread alone writes this pixel's output channels, and no
@@ -508,12 +515,12 @@ impl Scratch {
             let mut guard = cell.borrow_mut();
             let s = &mut *guard;
             for (buf, len) in [
-                (&mut s.patch, 36 * cin),
-                (&mut s.tmp_in, 36 * cin),
-                (&mut s.v, 36 * block * cin),
-                (&mut s.m, 36 * block * cout),
-                (&mut s.tmp_out, 24 * cout),
-                (&mut s.y, 16 * cout),
+                (&mut s.patch, POS * cin),
+                (&mut s.tmp_in, POS * cin),
+                (&mut s.v, POS * block * cin),
+                (&mut s.m, POS * block * cout),
+                (&mut s.tmp_out, OUT * IN * cout),
+                (&mut s.y, OUT * OUT * cout),
             ] {
                 if buf.len() < len {
                     buf.resize(len, 0.0);
@@ -526,7 +533,7 @@ impl Scratch {
 
 /// Six rows of `len` values, `stride` apart, starting at `offset`.
 #[inline(always)]
-fn strided(buf: &[f32], offset: usize, stride: usize, len: usize) -> [&[f32]; 6] {
+fn strided(buf: &[f32], offset: usize, stride: usize, len: usize) -> [&[f32]; IN] {
     std::array::from_fn(|k| &buf[offset + k * stride..][..len])
 }
 
@@ -541,13 +548,41 @@ fn strided_mut<const N: usize>(
     std::array::from_fn(|_| rows.next().expect("buffer holds every row"))
 }
 
-/// `d = B^T s` along the six rows, element-wise over the channels.
+/// `d = B^T s` along the eight rows, element-wise over the channels.
 #[inline(always)]
-fn bt6(s: [&[f32]; 6], d: [&mut [f32]; 6]) {
-    let [s0, s1, s2, s3, s4, s5] = s;
+fn bt8(s: [&[f32]; IN], d: [&mut [f32]; IN]) {
+    let [s0, s1, s2, s3, s4, s5, s6, s7] = s;
+    let [d0, d1, d2, d3, d4, d5, d6, d7] = d;
+    let n = d0.len();
+    let (s0, s1, s2, s3) = (&s0[..n], &s1[..n], &s2[..n], &s3[..n]);
+    let (s4, s5, s6, s7) = (&s4[..n], &s5[..n], &s6[..n], &s7[..n]);
+    let (d1, d2, d3) = (&mut d1[..n], &mut d2[..n], &mut d3[..n]);
+    let (d4, d5, d6, d7) = (&mut d4[..n], &mut d5[..n], &mut d6[..n], &mut d7[..n]);
+    for c in 0..n {
+        let (a0, a1, a2, a3) = (s0[c], s1[c], s2[c], s3[c]);
+        let (a4, a5, a6, a7) = (s4[c], s5[c], s6[c], s7[c]);
+        d0[c] = a0 - a6 + 5.25 * (a4 - a2);
+        d7[c] = a7 - a1 + 5.25 * (a3 - a5);
+        let (e, o) = (a2 + a6 - 4.25 * a4, a1 + a5 - 4.25 * a3);
+        d1[c] = e + o;
+        d2[c] = e - o;
+        let (e, o) = (a6 + 0.25 * a2 - 1.25 * a4, 0.5 * a1 - 2.5 * a3 + 2.0 * a5);
+        d3[c] = e + o;
+        d4[c] = e - o;
+        let (e, o) = (a6 + 4.0 * a2 - 5.0 * a4, 2.0 * a1 - 2.5 * a3 + 0.5 * a5);
+        d5[c] = e + o;
+        d6[c] = e - o;
+    }
+}
+
+/// `d = A^T s` along the eight rows, element-wise over the channels.
+#[inline(always)]
+fn at8(s: [&[f32]; IN], d: [&mut [f32]; OUT]) {
+    let [s0, s1, s2, s3, s4, s5, s6, s7] = s;
     let [d0, d1, d2, d3, d4, d5] = d;
     let n = d0.len();
-    let (s0, s1, s2, s3, s4, s5) = (&s0[..n], &s1[..n], &s2[..n], &s3[..n], &s4[..n], &s5[..n]);
+    let (s0, s1, s2, s3) = (&s0[..n], &s1[..n], &s2[..n], &s3[..n]);
+    let (s4, s5, s6, s7) = (&s4[..n], &s5[..n], &s6[..n], &s7[..n]);
     let (d1, d2, d3, d4, d5) = (
         &mut d1[..n],
         &mut d2[..n],
@@ -556,31 +591,14 @@ fn bt6(s: [&[f32]; 6], d: [&mut [f32]; 6]) {
         &mut d5[..n],
     );
     for c in 0..n {
-        let (a0, a1, a2, a3, a4, a5) = (s0[c], s1[c], s2[c], s3[c], s4[c], s5[c]);
-        d0[c] = 4.0 * a0 - 5.0 * a2 + a4;
-        d1[c] = -4.0 * (a1 + a2) + a3 + a4;
-        d2[c] = 4.0 * (a1 - a2) - a3 + a4;
-        d3[c] = 2.0 * (a3 - a1) - a2 + a4;
-        d4[c] = 2.0 * (a1 - a3) - a2 + a4;
-        d5[c] = 4.0 * a1 - 5.0 * a3 + a5;
-    }
-}
-
-/// `d = A^T s` along the six rows, element-wise over the channels.
-#[inline(always)]
-fn at6(s: [&[f32]; 6], d: [&mut [f32]; 4]) {
-    let [s0, s1, s2, s3, s4, s5] = s;
-    let [d0, d1, d2, d3] = d;
-    let n = d0.len();
-    let (s0, s1, s2, s3, s4, s5) = (&s0[..n], &s1[..n], &s2[..n], &s3[..n], &s4[..n], &s5[..n]);
-    let (d1, d2, d3) = (&mut d1[..n], &mut d2[..n], &mut d3[..n]);
-    for c in 0..n {
-        let (a0, a1, a2, a3, a4, a5) = (s0[c], s1[c], s2[c], s3[c], s4[c], s5[c]);
-        let (p12, m12, p34, m34) = (a1 + a2, a1 - a2, a3 + a4, a3 - a4);
-        d0[c] = a0 + p12 + p34;
-        d1[c] = m12 + 2.0 * m34;
-        d2[c] = p12 + 4.0 * p34;
-        d3[c] = m12 + 8.0 * m34 + a5;
+        let (a1, a2, a3, a4, a5, a6) = (s1[c], s2[c], s3[c], s4[c], s5[c], s6[c]);
+        let (p12, m12, p34, m34, p56, m56) = (a1 + a2, a1 - a2, a3 + a4, a3 - a4, a5 + a6, a5 - a6);
+        d0[c] = s0[c] + p12 + p34 + p56;
+        d1[c] = m12 + 2.0 * m34 + 0.5 * m56;
+        d2[c] = p12 + 4.0 * p34 + 0.25 * p56;
+        d3[c] = m12 + 8.0 * m34 + 0.125 * m56;
+        d4[c] = p12 + 16.0 * p34 + 0.0625 * p56;
+        d5[c] = m12 + 32.0 * m34 + 0.03125 * m56 + s7[c];
     }
 }
 
@@ -635,52 +653,87 @@ mod tests {
     use super::*;
     use candle_core::{Device, Module};
 
-    /// Input transform rows `B^T` (6x6) of F(4x4, 3x3).
-#[rustfmt::skip]
-const BT: [[f64; 6]; 6] = [
-    [4.0, 0.0, -5.0, 0.0, 1.0, 0.0],
-    [0.0, -4.0, -4.0, 1.0, 1.0, 0.0],
-    [0.0, 4.0, -4.0, -1.0, 1.0, 0.0],
-    [0.0, -2.0, -1.0, 2.0, 1.0, 0.0],
-    [0.0, 2.0, -1.0, -2.0, 1.0, 0.0],
-    [0.0, 4.0, 0.0, -5.0, 0.0, 1.0],
-];
+    /// Input transform `B^T` (8x8) of F(6x6, 3x3).
+    #[rustfmt::skip]
+    const BT: [[f64; IN]; IN] = [
+        [1.0, 0.0, -5.25, 0.0, 5.25, 0.0, -1.0, 0.0],
+        [0.0, 1.0, 1.0, -4.25, -4.25, 1.0, 1.0, 0.0],
+        [0.0, -1.0, 1.0, 4.25, -4.25, -1.0, 1.0, 0.0],
+        [0.0, 0.5, 0.25, -2.5, -1.25, 2.0, 1.0, 0.0],
+        [0.0, -0.5, 0.25, 2.5, -1.25, -2.0, 1.0, 0.0],
+        [0.0, 2.0, 4.0, -2.5, -5.0, 0.5, 1.0, 0.0],
+        [0.0, -2.0, 4.0, 2.5, -5.0, -0.5, 1.0, 0.0],
+        [0.0, -1.0, 0.0, 5.25, 0.0, -5.25, 0.0, 1.0],
+    ];
 
-    /// Output transform `A^T` (4x6).
-#[rustfmt::skip]
-const AT: [[f64; 6]; 4] = [
-    [1.0, 1.0, 1.0, 1.0, 1.0, 0.0],
-    [0.0, 1.0, -1.0, 2.0, -2.0, 0.0],
-    [0.0, 1.0, 1.0, 4.0, 4.0, 0.0],
-    [0.0, 1.0, -1.0, 8.0, -8.0, 1.0],
-];
+    /// Output transform `A^T` (6x8).
+    #[rustfmt::skip]
+    const AT: [[f64; IN]; OUT] = [
+        [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0],
+        [0.0, 1.0, -1.0, 2.0, -2.0, 0.5, -0.5, 0.0],
+        [0.0, 1.0, 1.0, 4.0, 4.0, 0.25, 0.25, 0.0],
+        [0.0, 1.0, -1.0, 8.0, -8.0, 0.125, -0.125, 0.0],
+        [0.0, 1.0, 1.0, 16.0, 16.0, 0.0625, 0.0625, 0.0],
+        [0.0, 1.0, -1.0, 32.0, -32.0, 0.03125, -0.03125, 1.0],
+    ];
 
     #[test]
     fn unrolled_transforms_match_their_matrices() {
-        let s: Vec<Vec<f32>> = (0..6)
+        let s: Vec<Vec<f32>> = (0..IN)
             .map(|k| vec![(k * k) as f32 * 0.37 - 1.1, k as f32])
             .collect();
-        let rows: [&[f32]; 6] = std::array::from_fn(|k| s[k].as_slice());
-        let mut d = vec![vec![0f32; 2]; 6];
+        let rows: [&[f32]; IN] = std::array::from_fn(|k| s[k].as_slice());
+        let want =
+            |row: &[f64; IN], c: usize| -> f64 { (0..IN).map(|k| row[k] * s[k][c] as f64).sum() };
+        let mut d = vec![vec![0f32; 2]; IN];
         {
             let mut it = d.iter_mut().map(|r| r.as_mut_slice());
-            bt6(rows, std::array::from_fn(|_| it.next().unwrap()));
+            bt8(rows, std::array::from_fn(|_| it.next().unwrap()));
         }
-        for (i, row) in BT.iter().enumerate() {
-            for c in 0..2 {
-                let want: f64 = (0..6).map(|k| row[k] * s[k][c] as f64).sum();
-                assert!((d[i][c] as f64 - want).abs() < 1e-5, "B^T row {i}");
+        for (i, (row, got)) in BT.iter().zip(&d).enumerate() {
+            for (c, &v) in got.iter().enumerate() {
+                assert!((v as f64 - want(row, c)).abs() < 1e-4, "B^T row {i}");
             }
         }
-        let mut d = vec![vec![0f32; 2]; 4];
+        let mut d = vec![vec![0f32; 2]; OUT];
         {
             let mut it = d.iter_mut().map(|r| r.as_mut_slice());
-            at6(rows, std::array::from_fn(|_| it.next().unwrap()));
+            at8(rows, std::array::from_fn(|_| it.next().unwrap()));
         }
-        for (a, row) in AT.iter().enumerate() {
-            for c in 0..2 {
-                let want: f64 = (0..6).map(|k| row[k] * s[k][c] as f64).sum();
-                assert!((d[a][c] as f64 - want).abs() < 1e-5, "A^T row {a}");
+        for (a, (row, got)) in AT.iter().zip(&d).enumerate() {
+            for (c, &v) in got.iter().enumerate() {
+                assert!((v as f64 - want(row, c)).abs() < 1e-3, "A^T row {a}");
+            }
+        }
+    }
+
+    /// The kernel, input and output transforms together compute a 3x3 correlation.
+    #[test]
+    fn transform_matrices_compute_a_correlation() {
+        let d: Vec<f64> = (0..IN * IN)
+            .map(|i| ((i * 37 % 11) as f64 - 5.0) / 3.0)
+            .collect();
+        let g: Vec<f64> = (0..9).map(|i| ((i * 5 % 7) as f64 - 3.0) / 2.0).collect();
+        let mul = |a: &dyn Fn(usize, usize) -> f64, b: &dyn Fn(usize, usize) -> f64, n, k, m| {
+            let mut out = vec![vec![0f64; m]; n];
+            for (i, row) in out.iter_mut().enumerate() {
+                for (j, v) in row.iter_mut().enumerate() {
+                    *v = (0..k).map(|x| a(i, x) * b(x, j)).sum();
+                }
+            }
+            out
+        };
+        let gg = mul(&|i, k| G[i][k], &|k, j| g[k * 3 + j], IN, 3, 3);
+        let u = mul(&|i, k| gg[i][k], &|k, j| G[j][k], IN, 3, IN);
+        let bd = mul(&|i, k| BT[i][k], &|k, j| d[k * IN + j], IN, IN, IN);
+        let v = mul(&|i, k| bd[i][k], &|k, j| BT[j][k], IN, IN, IN);
+        let m = |i: usize, j: usize| u[i][j] * v[i][j];
+        let am = mul(&|a, i| AT[a][i], &m, OUT, IN, IN);
+        let y = mul(&|a, j| am[a][j], &|j, b| AT[b][j], OUT, IN, OUT);
+        for a in 0..OUT {
+            for b in 0..OUT {
+                let direct: f64 = (0..9).map(|k| d[(a + k / 3) * IN + b + k % 3] * g[k]).sum();
+                assert!((y[a][b] - direct).abs() < 1e-9, "({a}, {b})");
             }
         }
     }
