@@ -72,25 +72,24 @@ impl Conv3x3 {
                 candle_core::bail!("PReLU has {} slopes for {cout} channels", s.len());
             }
         }
-        // U = G g G^T per (co, ci), computed in f64 and rounded once.
-        let mut u = vec![0f32; POS * cin * cout];
+        // U = G g G^T per (co, ci), computed in f64 and rounded once. Each position p = (i, j)
+        // is a fixed combination of the nine taps: U_p = sum_kl G[i][k] G[j][l] g[k][l].
+        let mut taps = vec![0f64; cin * cout * 9];
         for co in 0..cout {
             for ci in 0..cin {
-                let g = &w[(co * cin + ci) * 9..][..9];
-                let mut gg = [[0f64; 3]; IN];
-                for (i, row) in gg.iter_mut().enumerate() {
-                    for (j, v) in row.iter_mut().enumerate() {
-                        *v = (0..3).map(|k| G[i][k] * g[k * 3 + j]).sum();
-                    }
-                }
-                for i in 0..IN {
-                    for j in 0..IN {
-                        let v: f64 = (0..3).map(|k| gg[i][k] * G[j][k]).sum();
-                        u[((i * IN + j) * cin + ci) * cout + co] = v as f32;
-                    }
-                }
+                taps[(ci * cout + co) * 9..][..9].copy_from_slice(&w[(co * cin + ci) * 9..][..9]);
             }
         }
+        let mut u = vec![0f32; POS * cin * cout];
+        u.par_chunks_mut(cin * cout)
+            .enumerate()
+            .for_each(|(p, up)| {
+                let (i, j) = (p / IN, p % IN);
+                let c: [f64; 9] = std::array::from_fn(|kl| G[i][kl / 3] * G[j][kl % 3]);
+                for (out, g) in up.iter_mut().zip(taps.chunks_exact(9)) {
+                    *out = c.iter().zip(g).map(|(a, b)| a * b).sum::<f64>() as f32;
+                }
+            });
         Ok(Self {
             cin,
             cout,
