@@ -764,29 +764,21 @@ mod tests {
         y.permute((0, 2, 3, 1))?.contiguous()
     }
 
+    /// Largest relative difference that still counts as f32 rounding. Outputs are O(1);
+    /// Winograd's transforms scale values by up to ~100 before combining them again, so its
+    /// rounding is a few times candle's, around 1e-5. A wrong coefficient or a misplaced tile
+    /// shows as 1e-2 or more.
+    const TOLERANCE: f32 = 6e-5;
+
     fn check(n: usize, h: usize, w: usize, cin: usize, cout: usize, act: Activation) {
-        let dev = Device::Cpu;
-        let x = Tensor::randn(0f32, 1.0, (n, h, w, cin), &dev).unwrap();
-        let scale = (1.0 / (9.0 * cin as f64)).sqrt() as f32;
-        let weight =
-            (Tensor::randn(0f32, 1.0, (cout, cin, 3, 3), &dev).unwrap() * scale as f64).unwrap();
-        let bias = Tensor::randn(0f32, 0.1, cout, &dev).unwrap();
-        let conv = Conv3x3::new(&weight, Some(&bias), act.clone()).unwrap();
-        let fast = conv.forward(&x).unwrap();
-        let want = reference(&x, &weight, &bias, &act).unwrap();
-        assert_eq!(fast.dims(), want.dims());
-        let fast: Vec<f32> = fast.flatten_all().unwrap().to_vec1().unwrap();
-        let want: Vec<f32> = want.flatten_all().unwrap().to_vec1().unwrap();
-        let worst = fast
-            .iter()
-            .zip(&want)
-            .map(|(a, b)| (a - b).abs() / (1.0 + b.abs()))
-            .fold(0f32, f32::max);
-        // Outputs are O(1). Winograd's transforms scale values by up to 100 before they are
-        // combined again, so its f32 rounding is a few times candle's: around 1e-5. A wrong
-        // coefficient or a misplaced tile shows as 1e-2 or more.
+        let x = Tensor::randn(0f32, 1.0, (n, h, w, cin), &Device::Cpu).unwrap();
+        let (conv, weight, bias) = random_conv(cin, cout, act.clone());
+        let worst = close(
+            &conv.forward(&x).unwrap(),
+            &reference(&x, &weight, &bias, &act).unwrap(),
+        );
         assert!(
-            worst < 6e-5,
+            worst < TOLERANCE,
             "n{n} {h}x{w} {cin}->{cout} {act:?}: worst relative difference {worst}"
         );
     }
@@ -858,7 +850,7 @@ mod tests {
                 .unwrap();
             let want = reference(&up, &weight, &bias, &Activation::LeakyRelu(0.2)).unwrap();
             let got = conv.forward_upsampled(&x).unwrap();
-            assert!(close(&got, &want) < 6e-5, "{h}x{w}");
+            assert!(close(&got, &want) < TOLERANCE, "{h}x{w}");
         }
     }
 
@@ -905,7 +897,7 @@ mod tests {
         unsafe { conv.run_raw(io, n, h, w) };
         let after = Tensor::from_vec(data, (n, h, w, stride), &dev).unwrap();
         let got = after.narrow(3, 6, 4).unwrap();
-        assert!(close(&got, &want) < 6e-5);
+        assert!(close(&got, &want) < TOLERANCE);
         // Channels outside the output are untouched.
         let untouched = |t: &Tensor| {
             Tensor::cat(
