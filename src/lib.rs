@@ -7,6 +7,7 @@
 
 pub mod api;
 pub mod bench;
+pub mod client;
 pub mod config;
 pub mod imaging;
 pub mod locks;

@@ -11,6 +11,8 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 
+use upscaler::api::pb;
+use upscaler::client::{self, ClientError};
 use upscaler::imaging::{self, ImagingError, OutputFormat};
 use upscaler::model::{self, registry, weights, Model, ModelError, Progress};
 use upscaler::pipeline::{self, AlphaMode, EnhanceOptions, PipelineError, TileSize};
@@ -60,12 +62,63 @@ enum Alpha {
     Bilinear,
 }
 
+/// Where the server is and how to print results.
+#[derive(clap::Args, Clone)]
+struct ClientArgs {
+    /// Server address.
+    #[arg(long, env = "UPSCALER_ADDR", default_value = "http://127.0.0.1:50051")]
+    addr: String,
+    /// Print the result as one JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the gRPC service (settings from flags, the environment or a .env file).
     Serve {
         #[command(flatten)]
         settings: Box<upscaler::Settings>,
+    },
+    /// Upload an image to a running server; with --wait, follow the task and download the result.
+    Upload {
+        file: PathBuf,
+        #[arg(long, short = 'm')]
+        model: Option<String>,
+        #[arg(long)]
+        outscale: Option<f64>,
+        /// Replace a stored result of the same name made from other bytes or options.
+        #[arg(long)]
+        overwrite: bool,
+        /// Follow the task (progress on stderr) and download the result.
+        #[arg(long)]
+        wait: bool,
+        /// Where --wait saves the result (default: <stem>_x<scale>.<ext> beside FILE).
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Show a task's state.
+    Status {
+        task_id: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Follow a task until it ends (progress on stderr).
+    Watch {
+        task_id: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Download a stored result by file name.
+    Fetch {
+        name: String,
+        /// Where to save it (default: NAME in the current directory).
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+        #[command(flatten)]
+        client: ClientArgs,
     },
     /// Upscale one image file.
     Upscale {
@@ -182,6 +235,10 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Command::Serve { settings } => serve(*settings),
+        command @ (Command::Upload { .. }
+        | Command::Status { .. }
+        | Command::Watch { .. }
+        | Command::Fetch { .. }) => return client_command(command),
         command => run(command),
     };
     match result {
@@ -193,6 +250,234 @@ fn main() -> ExitCode {
             ExitCode::from(exit_code(&err))
         }
     }
+}
+
+/// Runs a client command: results on stdout, progress and errors on stderr, and the exit code
+/// of `ClientError::exit_code`.
+fn client_command(command: Command) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run_client(command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+async fn run_client(command: Command) -> Result<(), ClientError> {
+    match command {
+        Command::Upload {
+            file,
+            model,
+            outscale,
+            overwrite,
+            wait,
+            output,
+            client: args,
+        } => {
+            if !file.is_file() {
+                return Err(ClientError::Input(format!(
+                    "{}: no such file",
+                    file.display()
+                )));
+            }
+            let mut c = client::connect(&args.addr).await?;
+            let opts = client::UploadOptions {
+                model,
+                outscale,
+                overwrite,
+            };
+            let r = client::upload(&mut c, &file, &opts).await?;
+            let outcome = client::outcome_name(&r);
+            if !wait {
+                return print_result(
+                    args.json,
+                    serde_json::json!({
+                        "task_id": r.task_id,
+                        "file_name": r.file_name,
+                        "outcome": outcome,
+                    }),
+                    format!("{outcome} {} task {}", r.file_name, r.task_id),
+                );
+            }
+            eprintln!("{outcome} {} task {}", r.file_name, r.task_id);
+            if outcome != "ALREADY_PROCESSED" {
+                let task = follow(&mut c, &r.task_id).await?;
+                ensure_success(&task)?;
+            }
+            let (meta, out) = client::fetch(&mut c, &r.file_name, |meta| match output {
+                Some(o) => o,
+                None => {
+                    let scale = match outscale {
+                        Some(f) => format!("{f}"),
+                        None => model::find(&meta.model)
+                            .map(|s| s.arch.scale().to_string())
+                            .unwrap_or_else(|_| "4".into()),
+                    };
+                    client::default_output(&file, &scale, &meta.content_type)
+                }
+            })
+            .await?;
+            print_fetched(args.json, &r.task_id, &meta, &out)
+        }
+        Command::Status {
+            task_id,
+            client: args,
+        } => {
+            let mut c = client::connect(&args.addr).await?;
+            let task = client::get_task(&mut c, &task_id).await?;
+            print_task(args.json, &task)?;
+            ensure_not_failed(&task)
+        }
+        Command::Watch {
+            task_id,
+            client: args,
+        } => {
+            let mut c = client::connect(&args.addr).await?;
+            let task = follow(&mut c, &task_id).await?;
+            print_task(args.json, &task)?;
+            ensure_success(&task)
+        }
+        Command::Fetch {
+            name,
+            output,
+            client: args,
+        } => {
+            let mut c = client::connect(&args.addr).await?;
+            let (meta, out) = client::fetch(&mut c, &name, |_| {
+                output.unwrap_or_else(|| PathBuf::from(&name))
+            })
+            .await?;
+            print_fetched(args.json, &meta.task_id, &meta, &out)
+        }
+        _ => unreachable!("not a client command"),
+    }
+}
+
+/// Watches a task with a progress bar on stderr.
+async fn follow(c: &mut client::Client, task_id: &str) -> Result<pb::Task, ClientError> {
+    let bar = ProgressBar::new(0).with_style(
+        ProgressStyle::with_template(
+            "{spinner} {msg} [{bar:30}] {pos}/{len} tiles, {elapsed} elapsed, ETA {eta}",
+        )
+        .expect("valid template"),
+    );
+    let task = client::watch(c, task_id, |t| {
+        bar.set_length(t.tiles_total as u64);
+        bar.set_position(t.tiles_done as u64);
+        bar.set_message(client::state_name(t));
+    })
+    .await;
+    bar.finish_and_clear();
+    task
+}
+
+fn ensure_not_failed(task: &pb::Task) -> Result<(), ClientError> {
+    if client::state_name(task) == "FAILURE" {
+        return Err(ClientError::TaskFailed {
+            task_id: task.task_id.clone(),
+            error: task.error.clone(),
+        });
+    }
+    Ok(())
+}
+
+fn ensure_success(task: &pb::Task) -> Result<(), ClientError> {
+    ensure_not_failed(task)?;
+    match client::state_name(task) {
+        "SUCCESS" => Ok(()),
+        other => Err(ClientError::Other(format!(
+            "task {} is {other}",
+            task.task_id
+        ))),
+    }
+}
+
+fn print_result(json: bool, value: serde_json::Value, human: String) -> Result<(), ClientError> {
+    if json {
+        println!("{value}");
+    } else {
+        println!("{human}");
+    }
+    Ok(())
+}
+
+fn print_task(json: bool, t: &pb::Task) -> Result<(), ClientError> {
+    let time = |ts: &Option<prost_types::Timestamp>| {
+        ts.as_ref().map(|t| t.seconds as f64 + t.nanos as f64 / 1e9)
+    };
+    let state = client::state_name(t);
+    let mut human = format!(
+        "{state} {} task {} ({}, {}/{} tiles, {}x{}",
+        t.file_name, t.task_id, t.model, t.tiles_done, t.tiles_total, t.input_width, t.input_height
+    );
+    if t.output_width > 0 {
+        human += &format!(" -> {}x{}", t.output_width, t.output_height);
+    }
+    human += ")";
+    if !t.error.is_empty() {
+        human += &format!(": {}", t.error);
+    }
+    print_result(
+        json,
+        serde_json::json!({
+            "task_id": t.task_id,
+            "state": state,
+            "file_name": t.file_name,
+            "model": t.model,
+            "tiles_done": t.tiles_done,
+            "tiles_total": t.tiles_total,
+            "error": t.error,
+            "input_width": t.input_width,
+            "input_height": t.input_height,
+            "output_width": t.output_width,
+            "output_height": t.output_height,
+            "created_at": time(&t.created_at),
+            "started_at": time(&t.started_at),
+            "finished_at": time(&t.finished_at),
+        }),
+        human,
+    )
+}
+
+fn print_fetched(
+    json: bool,
+    task_id: &str,
+    meta: &pb::ResultMetadata,
+    out: &Path,
+) -> Result<(), ClientError> {
+    print_result(
+        json,
+        serde_json::json!({
+            "task_id": task_id,
+            "file_name": meta.file_name,
+            "output": out.display().to_string(),
+            "content_type": meta.content_type,
+            "size": meta.size,
+            "width": meta.width,
+            "height": meta.height,
+            "sha256": meta.sha256,
+            "model": meta.model,
+        }),
+        format!(
+            "SUCCESS {} -> {} ({}x{}, {} bytes)",
+            meta.file_name,
+            out.display(),
+            meta.width,
+            meta.height,
+            meta.size
+        ),
+    )
 }
 
 fn serve(settings: upscaler::Settings) -> anyhow::Result<()> {
@@ -226,7 +511,11 @@ async fn shutdown_signal() {
 
 fn run(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Serve { .. } => unreachable!("handled in main"),
+        Command::Serve { .. }
+        | Command::Upload { .. }
+        | Command::Status { .. }
+        | Command::Watch { .. }
+        | Command::Fetch { .. } => unreachable!("handled in main"),
         Command::Upscale {
             input,
             output,

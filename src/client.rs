@@ -1,0 +1,287 @@
+//! Client commands: `upload`, `status`, `watch` and `fetch` against a running server.
+//!
+//! Everything here speaks to the server through the generated gRPC client; `main` only
+//! formats. Failures carry the exit code they deserve (see `ClientError::exit_code`).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use futures::StreamExt;
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic::transport::Channel;
+use tonic::Code;
+
+use crate::api::pb::{self, upscaler_client::UpscalerClient};
+
+/// Upload chunks: well under gRPC's default 4 MiB message limit.
+const CHUNK: usize = 1 << 20;
+
+pub type Client = UpscalerClient<Channel>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The server cannot be reached or says it is unavailable.
+    #[error("server unavailable: {0}")]
+    Unavailable(String),
+    /// The request was refused: bad input, unknown name, limits, credentials.
+    #[error("{0}")]
+    Refused(String),
+    /// A local file problem or a bad argument.
+    #[error("{0}")]
+    Input(String),
+    /// The task ended in FAILURE.
+    #[error("task {task_id} failed: {error}")]
+    TaskFailed { task_id: String, error: String },
+    /// Anything else (a broken stream, a result that fails its checksum, a local write).
+    #[error("{0}")]
+    Other(String),
+}
+
+impl ClientError {
+    /// 0 success, 1 task failed or other failure, 2 bad usage or input, 3 server
+    /// unreachable or unavailable.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Self::TaskFailed { .. } | Self::Other(_) => 1,
+            Self::Refused(_) | Self::Input(_) => 2,
+            Self::Unavailable(_) => 3,
+        }
+    }
+
+    fn from_status(what: &str, s: tonic::Status) -> Self {
+        let msg = format!("{what}: {} ({:?})", s.message(), s.code());
+        match s.code() {
+            Code::Unavailable | Code::DeadlineExceeded => Self::Unavailable(msg),
+            Code::InvalidArgument
+            | Code::NotFound
+            | Code::AlreadyExists
+            | Code::ResourceExhausted
+            | Code::FailedPrecondition
+            | Code::OutOfRange
+            | Code::Unauthenticated
+            | Code::PermissionDenied => Self::Refused(msg),
+            _ => Self::Other(msg),
+        }
+    }
+}
+
+/// Connects to `addr` (e.g. `http://127.0.0.1:50051`), failing within a few seconds.
+pub async fn connect(addr: &str) -> Result<Client, ClientError> {
+    let endpoint = Channel::from_shared(addr.to_string())
+        .map_err(|e| ClientError::Input(format!("bad server address `{addr}`: {e}")))?
+        .connect_timeout(Duration::from_secs(5));
+    let channel = endpoint.connect().await.map_err(|e| {
+        ClientError::Unavailable(format!("cannot connect to {addr}: {}", cause(&e)))
+    })?;
+    Ok(UpscalerClient::new(channel))
+}
+
+/// The innermost cause of an error, which is the one a user can act on.
+fn cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut e = e;
+    while let Some(next) = e.source() {
+        e = next;
+    }
+    e.to_string()
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct UploadOptions {
+    pub model: Option<String>,
+    pub outscale: Option<f64>,
+    pub overwrite: bool,
+}
+
+/// Streams `path` to the server under its file name.
+pub async fn upload(
+    client: &mut Client,
+    path: &Path,
+    opts: &UploadOptions,
+) -> Result<pb::UploadImageResponse, ClientError> {
+    let file_name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| ClientError::Input(format!("{}: not a file name", path.display())))?
+        .to_string();
+    let mut file = tokio::fs::File::open(path)
+        .await
+        .map_err(|e| ClientError::Input(format!("cannot read {}: {e}", path.display())))?;
+    let metadata = pb::UploadMetadata {
+        file_name,
+        model: opts.model.clone().unwrap_or_default(),
+        outscale: opts.outscale,
+        overwrite: opts.overwrite,
+        ..Default::default()
+    };
+    let shown = path.display().to_string();
+    let requests = async_stream::stream! {
+        use pb::upload_image_request::Payload;
+        yield pb::UploadImageRequest { payload: Some(Payload::Metadata(metadata)) };
+        loop {
+            let mut chunk = vec![0u8; CHUNK];
+            match file.read(&mut chunk).await {
+                Ok(0) => break,
+                Ok(n) => {
+                    chunk.truncate(n);
+                    yield pb::UploadImageRequest { payload: Some(Payload::Chunk(chunk)) };
+                }
+                Err(e) => {
+                    // Ending the stream early makes the server refuse an incomplete image.
+                    tracing::error!("reading {shown}: {e}");
+                    break;
+                }
+            }
+        }
+    };
+    client
+        .upload_image(requests)
+        .await
+        .map(|r| r.into_inner())
+        .map_err(|s| ClientError::from_status("upload refused", s))
+}
+
+pub async fn get_task(client: &mut Client, task_id: &str) -> Result<pb::Task, ClientError> {
+    client
+        .get_task(pb::GetTaskRequest {
+            task_id: task_id.into(),
+        })
+        .await
+        .map(|r| r.into_inner())
+        .map_err(|s| ClientError::from_status("status", s))
+}
+
+/// Follows a task until it ends, calling `on_update` with every state; returns the last.
+pub async fn watch(
+    client: &mut Client,
+    task_id: &str,
+    mut on_update: impl FnMut(&pb::Task),
+) -> Result<pb::Task, ClientError> {
+    let mut stream = client
+        .watch_task(pb::WatchTaskRequest {
+            task_id: task_id.into(),
+        })
+        .await
+        .map_err(|s| ClientError::from_status("watch", s))?
+        .into_inner();
+    let mut last = None;
+    while let Some(update) = stream.next().await {
+        let task = update.map_err(|s| ClientError::from_status("watch", s))?;
+        on_update(&task);
+        last = Some(task);
+    }
+    let task = last.ok_or_else(|| ClientError::Other("watch: the server sent nothing".into()))?;
+    if !is_terminal(&task) {
+        return Err(ClientError::Unavailable(format!(
+            "watch: the stream ended while task {task_id} was {}",
+            state_name(&task)
+        )));
+    }
+    Ok(task)
+}
+
+pub fn is_terminal(task: &pb::Task) -> bool {
+    matches!(
+        pb::TaskState::try_from(task.state),
+        Ok(pb::TaskState::Success | pb::TaskState::Failure)
+    )
+}
+
+/// `SUCCESS`, `FAILURE`, ...
+pub fn state_name(task: &pb::Task) -> &'static str {
+    match pb::TaskState::try_from(task.state) {
+        Ok(pb::TaskState::Pending) => "PENDING",
+        Ok(pb::TaskState::Started) => "STARTED",
+        Ok(pb::TaskState::Success) => "SUCCESS",
+        Ok(pb::TaskState::Failure) => "FAILURE",
+        _ => "UNKNOWN",
+    }
+}
+
+/// `QUEUED`, `IN_PROGRESS`, `ALREADY_PROCESSED`.
+pub fn outcome_name(r: &pb::UploadImageResponse) -> &'static str {
+    match pb::UploadOutcome::try_from(r.outcome) {
+        Ok(pb::UploadOutcome::Queued) => "QUEUED",
+        Ok(pb::UploadOutcome::InProgress) => "IN_PROGRESS",
+        Ok(pb::UploadOutcome::AlreadyProcessed) => "ALREADY_PROCESSED",
+        _ => "UNKNOWN",
+    }
+}
+
+/// Downloads the result stored under `name` to the path `choose` picks from its metadata
+/// (written to a temporary file beside it, checked against the announced size and sha256,
+/// then renamed into place).
+pub async fn fetch(
+    client: &mut Client,
+    name: &str,
+    choose: impl FnOnce(&pb::ResultMetadata) -> PathBuf,
+) -> Result<(pb::ResultMetadata, PathBuf), ClientError> {
+    use pb::fetch_processed_response::Payload;
+    let mut stream = client
+        .fetch_processed(pb::FetchProcessedRequest {
+            file_name: name.into(),
+        })
+        .await
+        .map_err(|s| ClientError::from_status("fetch", s))?
+        .into_inner();
+    let meta = match stream.next().await {
+        Some(Ok(pb::FetchProcessedResponse {
+            payload: Some(Payload::Metadata(m)),
+        })) => m,
+        Some(Err(s)) => return Err(ClientError::from_status("fetch", s)),
+        _ => return Err(ClientError::Other("fetch: no metadata first".into())),
+    };
+    let out = choose(&meta);
+    let out = out.as_path();
+    let dir = match out.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let local =
+        |e: std::io::Error| ClientError::Input(format!("cannot write {}: {e}", out.display()));
+    let tmp = tempfile::Builder::new()
+        .prefix(".upscaler-fetch-")
+        .tempfile_in(&dir)
+        .map_err(local)?;
+    let mut file = tokio::fs::File::from_std(tmp.reopen().map_err(local)?);
+    let mut hasher = Sha256::new();
+    let mut size = 0u64;
+    while let Some(msg) = stream.next().await {
+        match msg
+            .map_err(|s| ClientError::from_status("fetch", s))?
+            .payload
+        {
+            Some(Payload::Chunk(bytes)) => {
+                hasher.update(&bytes);
+                size += bytes.len() as u64;
+                file.write_all(&bytes).await.map_err(local)?;
+            }
+            _ => return Err(ClientError::Other("fetch: unexpected message".into())),
+        }
+    }
+    file.flush().await.map_err(local)?;
+    drop(file);
+    let sha = crate::tasks::types::hex(&hasher.finalize());
+    if size != meta.size || sha != meta.sha256 {
+        return Err(ClientError::Other(format!(
+            "fetch: received {size} bytes with sha256 {sha}, the server announced {} bytes with {}",
+            meta.size, meta.sha256
+        )));
+    }
+    tmp.persist(out).map_err(|e| local(e.error))?;
+    Ok((meta, out.to_path_buf()))
+}
+
+/// Where `upload --wait` saves a result by default: `<stem>_x<scale>.<ext>` beside the input.
+pub fn default_output(input: &Path, scale: &str, content_type: &str) -> PathBuf {
+    let stem = input
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "result".into());
+    let ext = if content_type == "image/jpeg" {
+        "jpg"
+    } else {
+        "png"
+    };
+    input.with_file_name(format!("{stem}_x{scale}.{ext}"))
+}

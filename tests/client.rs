@@ -1,0 +1,206 @@
+//! The client commands (`upload`, `status`, `watch`, `fetch`) as a user runs them, against a
+//! live in-process server on the embedded backends and on real Redis + a Mongo-wire server.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use common::server::{self as srv, Backend, Place, Server};
+use image::{DynamicImage, Rgb, RgbImage};
+use upscaler::imaging::{self, OutputFormat};
+
+/// Runs the binary off the async executor (the server runs on it).
+async fn upscaler(addr: &str, args: &[&str]) -> Output {
+    let addr = addr.to_string();
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_upscaler"))
+            .args(&args)
+            .env("UPSCALER_ADDR", addr)
+            .output()
+            .expect("binary runs")
+    })
+    .await
+    .unwrap()
+}
+
+fn text(o: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+fn json(o: &Output) -> serde_json::Value {
+    let (out, err) = text(o);
+    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: stdout {out:?}, stderr {err}"))
+}
+
+fn write_png(dir: &Path, name: &str, w: u32, h: u32) -> std::path::PathBuf {
+    let img = RgbImage::from_fn(w, h, |x, y| Rgb([x as u8 * 9, y as u8 * 13, 200]));
+    let path = dir.join(name);
+    std::fs::write(
+        &path,
+        imaging::encode(&DynamicImage::ImageRgb8(img), OutputFormat::Png).unwrap(),
+    )
+    .unwrap();
+    path
+}
+
+/// Upload with --wait, then the same file again (ALREADY_PROCESSED straight to the
+/// download), then status, watch and fetch of what the first run made.
+async fn session(place: Place) {
+    let server = Server::start(&place).await;
+    let addr = format!("http://{}", server.addr);
+    let dir = tempfile::tempdir().unwrap();
+    let input = write_png(dir.path(), "cat.png", 12, 10);
+    let input = input.to_str().unwrap();
+
+    let o = upscaler(&addr, &["upload", input, "--wait", "--json"]).await;
+    assert!(o.status.success(), "{:?}", text(&o));
+    let first = json(&o);
+    let out = dir.path().join("cat_x4.png");
+    assert_eq!(first["output"], out.to_str().unwrap());
+    let img = image::open(&out).unwrap();
+    assert_eq!((img.width(), img.height()), (48, 40));
+    let task_id = first["task_id"].as_str().unwrap().to_string();
+
+    let o = upscaler(&addr, &["upload", input, "--json"]).await;
+    assert!(o.status.success(), "{:?}", text(&o));
+    assert_eq!(json(&o)["outcome"], "ALREADY_PROCESSED");
+    let again = dir.path().join("again.png");
+    let o = upscaler(
+        &addr,
+        &["upload", input, "--wait", "-o", again.to_str().unwrap()],
+    )
+    .await;
+    assert!(o.status.success(), "{:?}", text(&o));
+    assert_eq!(std::fs::read(&again).unwrap(), std::fs::read(&out).unwrap());
+
+    let o = upscaler(&addr, &["status", &task_id, "--json"]).await;
+    assert!(o.status.success(), "{:?}", text(&o));
+    let t = json(&o);
+    assert_eq!(t["state"], "SUCCESS");
+    assert_eq!(
+        (t["output_width"].as_u64(), t["input_width"].as_u64()),
+        (Some(48), Some(12))
+    );
+    assert_eq!(t["tiles_done"], t["tiles_total"]);
+
+    let o = upscaler(&addr, &["watch", &task_id]).await;
+    assert!(o.status.success(), "{:?}", text(&o));
+    assert!(text(&o).0.starts_with("SUCCESS cat.png"), "{:?}", text(&o));
+
+    let fetched = dir.path().join("fetched.png");
+    let o = upscaler(
+        &addr,
+        &[
+            "fetch",
+            "cat.png",
+            "-o",
+            fetched.to_str().unwrap(),
+            "--json",
+        ],
+    )
+    .await;
+    assert!(o.status.success(), "{:?}", text(&o));
+    assert_eq!(json(&o)["width"], 48);
+    assert_eq!(
+        std::fs::read(&fetched).unwrap(),
+        std::fs::read(&out).unwrap()
+    );
+    server.stop().await;
+}
+
+/// Exit codes: 2 for a missing file, an unknown name and a refused upload; 1 for a task that
+/// fails; 3 for an unreachable server. Each with a one-line message.
+async fn exit_codes(place: Place) {
+    // Weights: the default model, and a corrupt file for another one, so a task can fail.
+    let weights = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        common::root().join("weights/realesr-animevideov3.safetensors"),
+        weights.path().join("realesr-animevideov3.safetensors"),
+    )
+    .unwrap();
+    std::fs::write(
+        weights.path().join("realesrgan-x4plus-anime.safetensors"),
+        b"not safetensors",
+    )
+    .unwrap();
+    let mut settings = place.settings();
+    settings.weights_dir = weights.path().to_path_buf();
+    let server = Server::start_with(settings).await;
+    let addr = format!("http://{}", server.addr);
+    let dir = tempfile::tempdir().unwrap();
+    let one_line = |o: &Output| {
+        let (_, err) = text(o);
+        let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
+        assert_eq!(lines.len(), 1, "one error line: {err}");
+        lines[0].to_string()
+    };
+
+    let missing = dir.path().join("missing.png");
+    let o = upscaler(&addr, &["upload", missing.to_str().unwrap()]).await;
+    assert_eq!(o.status.code(), Some(2));
+    assert!(one_line(&o).contains("no such file"));
+
+    let o = upscaler(
+        &addr,
+        &[
+            "fetch",
+            "never-uploaded.png",
+            "-o",
+            dir.path().join("x.png").to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert_eq!(o.status.code(), Some(2));
+    assert!(one_line(&o).contains("NotFound"));
+    assert!(!dir.path().join("x.png").exists());
+
+    let o = upscaler(&addr, &["status", "no-such-task"]).await;
+    assert_eq!(o.status.code(), Some(2));
+
+    let notes = dir.path().join("notes.png");
+    std::fs::write(&notes, b"not an image").unwrap();
+    let o = upscaler(&addr, &["upload", notes.to_str().unwrap()]).await;
+    assert_eq!(o.status.code(), Some(2));
+    assert!(one_line(&o).contains("InvalidArgument"));
+
+    // A model that is not installed is refused at upload...
+    let input = write_png(dir.path(), "fails.png", 8, 8);
+    let input = input.to_str().unwrap();
+    let o = upscaler(&addr, &["upload", input, "--model", "realesrgan-x4plus"]).await;
+    assert_eq!(o.status.code(), Some(2), "{:?}", text(&o));
+    assert!(one_line(&o).contains("not installed"));
+    // ...and one whose weights turn out corrupt fails its task.
+    let anime = "realesrgan-x4plus-anime";
+    let o = upscaler(&addr, &["upload", input, "--model", anime, "--wait"]).await;
+    assert_eq!(o.status.code(), Some(1), "{:?}", text(&o));
+    assert!(one_line(&o).contains("could not be loaded"));
+    server.stop().await;
+
+    // Nothing listens there any more.
+    let input = write_png(dir.path(), "late.png", 8, 8);
+    let o = upscaler(&addr, &["upload", input.to_str().unwrap()]).await;
+    assert_eq!(o.status.code(), Some(3), "{:?}", text(&o));
+    assert!(one_line(&o).contains("cannot connect"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_session() {
+    session(Place::new(Backend::Embedded)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_backends_session() {
+    if let Some(b) = srv::real_backend("real_backends_session") {
+        session(Place::new(b)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exit_codes_name_the_cause() {
+    exit_codes(Place::new(Backend::Embedded)).await;
+}
