@@ -9,6 +9,9 @@ use std::time::Duration;
 use futures::StreamExt;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::service::Interceptor;
 use tonic::transport::Channel;
 use tonic::Code;
 
@@ -17,7 +20,20 @@ use crate::api::pb::{self, upscaler_client::UpscalerClient};
 /// Upload chunks: well under gRPC's default 4 MiB message limit.
 const CHUNK: usize = 1 << 20;
 
-pub type Client = UpscalerClient<Channel>;
+pub type Client = UpscalerClient<InterceptedService<Channel, Token>>;
+
+/// Adds `authorization: Bearer <token>` to every call, when a token is given.
+#[derive(Clone)]
+pub struct Token(Option<MetadataValue<Ascii>>);
+
+impl Interceptor for Token {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -66,15 +82,22 @@ impl ClientError {
     }
 }
 
-/// Connects to `addr` (e.g. `http://127.0.0.1:50051`), failing within a few seconds.
-pub async fn connect(addr: &str) -> Result<Client, ClientError> {
+/// Connects to `addr` (e.g. `http://127.0.0.1:50051`), failing within a few seconds; every
+/// call then carries `token` as a bearer token.
+pub async fn connect(addr: &str, token: Option<&str>) -> Result<Client, ClientError> {
+    let token = token
+        .map(|t| {
+            MetadataValue::try_from(format!("Bearer {t}"))
+                .map_err(|_| ClientError::Input("the token must be printable ASCII".into()))
+        })
+        .transpose()?;
     let endpoint = Channel::from_shared(addr.to_string())
         .map_err(|e| ClientError::Input(format!("bad server address `{addr}`: {e}")))?
         .connect_timeout(Duration::from_secs(5));
     let channel = endpoint.connect().await.map_err(|e| {
         ClientError::Unavailable(format!("cannot connect to {addr}: {}", cause(&e)))
     })?;
-    Ok(UpscalerClient::new(channel))
+    Ok(UpscalerClient::with_interceptor(channel, Token(token)))
 }
 
 /// The innermost cause of an error, which is the one a user can act on.

@@ -67,6 +67,10 @@ pub struct Settings {
     /// Prefix of the Redis keys this service uses.
     #[arg(long, env = "REDIS_PREFIX", default_value = "upscaler")]
     pub redis_prefix: String,
+    /// Bearer token every RPC but health requires (`authorization: Bearer <token>`); unset:
+    /// no authentication.
+    #[arg(long, env = "AUTH_TOKEN", hide_env_values = true)]
+    pub auth_token: Option<Secret>,
     /// Log filter (tracing-subscriber syntax), e.g. `info` or `upscaler=debug`.
     #[arg(long, env = "LOG_LEVEL", default_value = "info")]
     pub log_level: String,
@@ -103,6 +107,13 @@ impl Settings {
         }
         registry::find(&self.default_model).map_err(|e| invalid("DEFAULT_MODEL", e.to_string()))?;
         self.tile_size()?;
+        if self
+            .auth_token
+            .as_ref()
+            .is_some_and(|t| t.expose().trim().is_empty())
+        {
+            return Err(invalid("AUTH_TOKEN", "must not be empty when set"));
+        }
         Ok(())
     }
 
@@ -138,5 +149,39 @@ impl Settings {
         s.temp_dir = temp_dir;
         s.weights_dir = weights_dir;
         s
+    }
+}
+
+/// A credential: never printed, compared in constant time.
+#[derive(Clone)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// Constant-time comparison, so the time taken says nothing about the token.
+    pub fn matches(&self, candidate: &[u8]) -> bool {
+        use subtle::ConstantTimeEq;
+        self.0.as_bytes().ct_eq(candidate).into()
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Self(s.to_string()))
     }
 }

@@ -68,6 +68,9 @@ struct ClientArgs {
     /// Server address.
     #[arg(long, env = "UPSCALER_ADDR", default_value = "http://127.0.0.1:50051")]
     addr: String,
+    /// Bearer token, for servers started with AUTH_TOKEN.
+    #[arg(long, env = "UPSCALER_TOKEN", hide_env_values = true)]
+    token: Option<String>,
     /// Print the result as one JSON object on stdout.
     #[arg(long)]
     json: bool,
@@ -291,7 +294,7 @@ async fn run_client(command: Command) -> Result<(), ClientError> {
                     file.display()
                 )));
             }
-            let mut c = client::connect(&args.addr).await?;
+            let mut c = client::connect(&args.addr, args.token.as_deref()).await?;
             let opts = client::UploadOptions {
                 model,
                 outscale,
@@ -334,7 +337,7 @@ async fn run_client(command: Command) -> Result<(), ClientError> {
             task_id,
             client: args,
         } => {
-            let mut c = client::connect(&args.addr).await?;
+            let mut c = client::connect(&args.addr, args.token.as_deref()).await?;
             let task = client::get_task(&mut c, &task_id).await?;
             print_task(args.json, &task)?;
             ensure_not_failed(&task)
@@ -343,7 +346,7 @@ async fn run_client(command: Command) -> Result<(), ClientError> {
             task_id,
             client: args,
         } => {
-            let mut c = client::connect(&args.addr).await?;
+            let mut c = client::connect(&args.addr, args.token.as_deref()).await?;
             let task = follow(&mut c, &task_id).await?;
             print_task(args.json, &task)?;
             ensure_success(&task)
@@ -353,7 +356,7 @@ async fn run_client(command: Command) -> Result<(), ClientError> {
             output,
             client: args,
         } => {
-            let mut c = client::connect(&args.addr).await?;
+            let mut c = client::connect(&args.addr, args.token.as_deref()).await?;
             let (meta, out) = client::fetch(&mut c, &name, |_| {
                 output.unwrap_or_else(|| PathBuf::from(&name))
             })

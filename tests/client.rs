@@ -204,3 +204,53 @@ async fn real_backends_session() {
 async fn exit_codes_name_the_cause() {
     exit_codes(Place::new(Backend::Embedded)).await;
 }
+
+/// With AUTH_TOKEN set, every RPC but health needs the bearer token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_guards_everything_but_health() {
+    let place = Place::new(Backend::Embedded);
+    let mut settings = place.settings();
+    settings.auth_token = Some(upscaler::config::Secret::new("s3cret-token"));
+    let server = Server::start_with(settings).await;
+    let addr = format!("http://{}", server.addr);
+    let dir = tempfile::tempdir().unwrap();
+    let input = write_png(dir.path(), "guarded.png", 8, 8);
+    let input = input.to_str().unwrap();
+
+    for token in [None, Some("wrong")] {
+        let mut args = vec!["upload", input];
+        if let Some(t) = token {
+            args.extend(["--token", t]);
+        }
+        let o = upscaler(&addr, &args).await;
+        assert_eq!(o.status.code(), Some(2), "{token:?}: {:?}", text(&o));
+        let (_, err) = text(&o);
+        assert!(err.contains("Unauthenticated"), "{err}");
+        assert!(!err.contains("s3cret"), "the token is never echoed: {err}");
+    }
+    let o = upscaler(
+        &addr,
+        &["upload", input, "--token", "s3cret-token", "--wait"],
+    )
+    .await;
+    assert!(o.status.success(), "{:?}", text(&o));
+
+    // Health answers without a token (load balancers and probes have none).
+    let channel = tonic::transport::Channel::from_shared(addr.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let health = tonic_health::pb::health_client::HealthClient::new(channel)
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        health.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+    server.stop().await;
+}

@@ -5,6 +5,9 @@ use std::future::Future;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
+use tonic::service::interceptor::InterceptedService;
+
+use crate::config::Secret;
 use tokio::sync::OnceCell;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic_health::ServingStatus;
@@ -155,11 +158,16 @@ pub async fn serve(
     };
 
     tracing::info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "listening");
+    // Everything but health answers only to the bearer token, when one is set.
+    let auth = BearerAuth(settings.auth_token.clone());
     tonic::transport::Server::builder()
         .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .add_service(UpscalerServer::new(UpscalerApi::new(core)))
+        .add_service(InterceptedService::new(reflection_v1, auth.clone()))
+        .add_service(InterceptedService::new(reflection_v1alpha, auth.clone()))
+        .add_service(InterceptedService::new(
+            UpscalerServer::new(UpscalerApi::new(core)),
+            auth.clone(),
+        ))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal)
         .await?;
     let failed = startup_error.lock().expect("poisoned").take();
@@ -173,4 +181,27 @@ pub async fn serve(
 async fn set_health(health: &tonic_health::server::HealthReporter, status: ServingStatus) {
     health.set_service_status("", status).await;
     health.set_service_status(SERVICE_NAME, status).await;
+}
+
+/// Checks `authorization: Bearer <token>` in constant time; without a token, lets all in.
+#[derive(Clone)]
+struct BearerAuth(Option<Secret>);
+
+impl tonic::service::Interceptor for BearerAuth {
+    fn call(&mut self, req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        let Some(token) = &self.0 else {
+            return Ok(req);
+        };
+        let given = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
+        match given {
+            Some(t) if token.matches(t) => Ok(req),
+            Some(_) => Err(tonic::Status::unauthenticated("invalid bearer token")),
+            None => Err(tonic::Status::unauthenticated(
+                "this server needs `authorization: Bearer <token>` metadata",
+            )),
+        }
+    }
 }
