@@ -1,0 +1,100 @@
+//! The Python example client (`examples/python`) against a live server: the proof that a
+//! client in another language, built only from `proto/upscale.proto`, can use the service.
+//! Needs `UPSCALER_TEST_PYTHON`: a Python with `examples/python/requirements.txt` installed
+//! (`scripts/test-with-services` sets it up).
+
+mod common;
+
+use std::process::{Command, Output};
+
+use common::server::{Backend, Place, Server};
+use image::{DynamicImage, Rgb, RgbImage};
+use upscaler::imaging::{self, OutputFormat};
+
+fn python() -> Option<String> {
+    match std::env::var("UPSCALER_TEST_PYTHON") {
+        Ok(p) => Some(p),
+        Err(_) => {
+            let msg =
+                "python_client: needs UPSCALER_TEST_PYTHON (a Python with grpcio and grpcio-tools)";
+            if std::env::var_os("CI").is_some() {
+                panic!("{msg}");
+            }
+            eprintln!("SKIPPED: {msg}");
+            None
+        }
+    }
+}
+
+async fn run(python: &str, args: Vec<String>) -> Output {
+    let python = python.to_string();
+    tokio::task::spawn_blocking(move || {
+        Command::new(python)
+            .args(args)
+            .current_dir(common::root().join("examples/python"))
+            .output()
+            .expect("python runs")
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_client_uploads_watches_and_fetches() {
+    let Some(py) = python() else { return };
+    let o = run(&py, vec!["gen_stubs.py".into()]).await;
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    let place = Place::new(Backend::Embedded);
+    let server = Server::start(&place).await;
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("py.png");
+    let img = RgbImage::from_fn(10, 6, |x, y| Rgb([x as u8 * 20, y as u8 * 40, 90]));
+    std::fs::write(
+        &input,
+        imaging::encode(&DynamicImage::ImageRgb8(img), OutputFormat::Png).unwrap(),
+    )
+    .unwrap();
+    let out = dir.path().join("py_x4.png");
+    let args = |extra: &[&str]| -> Vec<String> {
+        let mut a: Vec<String> = vec![
+            "client.py".into(),
+            input.to_str().unwrap().into(),
+            "-o".into(),
+            out.to_str().unwrap().into(),
+            "--addr".into(),
+            server.addr.to_string(),
+        ];
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let o = run(&py, args(&["--model", "realesr-animevideov3"])).await;
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("UPLOAD_OUTCOME_QUEUED") && err.contains("TASK_STATE_SUCCESS"),
+        "{err}"
+    );
+    let got = image::open(&out).unwrap();
+    assert_eq!((got.width(), got.height()), (40, 24));
+
+    // The same file again: already processed, fetched without a new task.
+    std::fs::remove_file(&out).unwrap();
+    let o = run(&py, args(&["--model", "realesr-animevideov3"])).await;
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(
+        o.status.success() && err.contains("ALREADY_PROCESSED"),
+        "{err}"
+    );
+    assert!(out.exists());
+
+    // A refused upload: a status, not a traceback.
+    let o = run(&py, args(&["--model", "no-such-model"])).await;
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("INVALID_ARGUMENT") && !err.contains("Traceback"),
+        "{err}"
+    );
+    server.stop().await;
+}
