@@ -71,6 +71,9 @@ pub struct Settings {
     /// no authentication.
     #[arg(long, env = "AUTH_TOKEN", hide_env_values = true)]
     pub auth_token: Option<Secret>,
+    /// Log format: `text` for people, `json` (one object per line) for log collectors.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
     /// Log filter (tracing-subscriber syntax), e.g. `info` or `upscaler=debug`.
     #[arg(long, env = "LOG_LEVEL", default_value = "info")]
     pub log_level: String,
@@ -184,4 +187,10 @@ impl std::str::FromStr for Secret {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         Ok(Self(s.to_string()))
     }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }

@@ -225,17 +225,23 @@ fn main() -> ExitCode {
     // A `.env` file fills in settings the environment does not already set; flags override both.
     let _ = dotenvy::dotenv();
     let cli = Cli::parse();
-    let default_level = match &cli.command {
-        Command::Serve { settings } => settings.log_level.clone(),
-        _ => "warn".to_string(),
+    let (default_level, json) = match &cli.command {
+        Command::Serve { settings } => (
+            settings.log_level.clone(),
+            settings.log_format == upscaler::config::LogFormat::Json,
+        ),
+        _ => ("warn".to_string(), false),
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("UPSCALER_LOG")
-                .unwrap_or_else(|_| default_level.into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("UPSCALER_LOG")
+        .unwrap_or_else(|_| default_level.into());
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        logs.json().init();
+    } else {
+        logs.init();
+    }
     let result = match cli.command {
         Command::Serve { settings } => serve(*settings),
         command @ (Command::Upload { .. }

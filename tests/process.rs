@@ -180,3 +180,71 @@ async fn a_killed_holders_lock_expires_and_the_name_is_processed_again() {
     assert_eq!(srv::state(&t), pb::TaskState::Success, "{}", t.error);
     server.stop().await;
 }
+
+/// LOG_FORMAT=json: every line is a JSON object; a task's lines carry its id and file name,
+/// and a call's lines the caller's `x-request-id`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_carry_task_and_request_ids() {
+    let place = Place::new(Backend::Embedded);
+    let port = free_port();
+    let log_path = place.temp_dir.with_file_name("server.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let s = place.settings();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_upscaler"))
+        .arg("serve")
+        .current_dir(common::root())
+        .env_clear()
+        .env("LISTEN_ADDR", format!("127.0.0.1:{port}"))
+        .env("DATA_DIR", &s.data_dir)
+        .env("TEMP_DIR", &s.temp_dir)
+        .env("DEFAULT_MODEL", "realesr-animevideov3")
+        .env("LOG_FORMAT", "json")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let mut c = connect(port).await;
+    let img = RgbImage::from_fn(8, 8, |x, y| Rgb([x as u8 * 30, y as u8 * 30, 7]));
+    let bytes = imaging::encode(&DynamicImage::ImageRgb8(img), OutputFormat::Png).unwrap();
+    let mut request = tonic::Request::new(futures::stream::iter(vec![
+        pb::UploadImageRequest {
+            payload: Some(pb::upload_image_request::Payload::Metadata(srv::meta(
+                "logged.png",
+            ))),
+        },
+        pb::UploadImageRequest {
+            payload: Some(pb::upload_image_request::Payload::Chunk(bytes)),
+        },
+    ]));
+    request
+        .metadata_mut()
+        .insert("x-request-id", "req-4242".parse().unwrap());
+    let r = c.upload_image(request).await.unwrap().into_inner();
+    let t = srv::wait_done(&mut c, &r.task_id).await;
+    assert_eq!(srv::state(&t), pb::TaskState::Success, "{}", t.error);
+    signal(&child, "-TERM");
+    tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+
+    let text = std::fs::read_to_string(&log_path).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let has = |message: &str, needles: &[&str]| {
+        lines.iter().any(|l| {
+            let raw = l.to_string();
+            l["fields"]["message"] == message && needles.iter().all(|n| raw.contains(n))
+        })
+    };
+    assert!(
+        has("upload queued", &["req-4242", "logged.png"]),
+        "upload line with the request id: {text}"
+    );
+    assert!(
+        has("task succeeded", &[&r.task_id, "logged.png"]),
+        "task line with task id and file name: {text}"
+    );
+}

@@ -161,6 +161,15 @@ pub async fn serve(
     // Everything but health answers only to the bearer token, when one is set.
     let auth = BearerAuth(settings.auth_token.clone());
     tonic::transport::Server::builder()
+        // One span per call: its method, and the caller's request id when it sends one.
+        .trace_fn(|req| {
+            let request_id = req
+                .headers()
+                .get("x-request-id")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            tracing::info_span!("rpc", method = req.uri().path(), request_id)
+        })
         .add_service(health_service)
         .add_service(InterceptedService::new(reflection_v1, auth.clone()))
         .add_service(InterceptedService::new(reflection_v1alpha, auth.clone()))

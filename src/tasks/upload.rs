@@ -108,6 +108,9 @@ pub(super) async fn accept(
         tracing::info!(task_id, file_name = meta.file_name, error = %e, "upload refused after locking");
         abandon(inner, &meta.file_name, &task_id).await;
     }
+    if admitted.is_ok() {
+        tracing::info!(task_id, file_name = meta.file_name, "upload queued");
+    }
     admitted.map(|()| outcome(task_id, OutcomeKind::Queued))
 }
 

@@ -34,7 +34,12 @@ pub(super) async fn run(inner: Arc<Inner>, queue: Arc<Mutex<mpsc::Receiver<Job>>
                 None => break,
             },
         };
-        let span = tracing::info_span!("task", worker, task_id = %job.task_id);
+        let span = tracing::info_span!(
+            "task",
+            worker,
+            task_id = %job.task_id,
+            file_name = tracing::field::Empty
+        );
         run_job(&inner, job).instrument(span).await;
     }
 }
@@ -44,11 +49,8 @@ async fn run_job(inner: &Arc<Inner>, job: Job) {
         Some(t) if !t.state.is_terminal() => t,
         _ => return,
     };
-    tracing::info!(
-        file_name = task.file_name,
-        model = task.options.model,
-        "task started"
-    );
+    tracing::Span::current().record("file_name", task.file_name.as_str());
+    tracing::info!(model = task.options.model, "task started");
     let mut task = TaskRecord {
         state: TaskState::Started,
         started_at_ms: Some(now_ms()),
