@@ -67,6 +67,9 @@ pub struct Settings {
     /// Prefix of the Redis keys this service uses.
     #[arg(long, env = "REDIS_PREFIX", default_value = "upscaler")]
     pub redis_prefix: String,
+    /// Address of the Prometheus endpoint (`GET /metrics`), e.g. 0.0.0.0:9090; unset: off.
+    #[arg(long, env = "METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
     /// Bearer token every RPC but health requires (`authorization: Bearer <token>`); unset:
     /// no authentication.
     #[arg(long, env = "AUTH_TOKEN", hide_env_values = true)]

@@ -11,6 +11,7 @@ pub mod client;
 pub mod config;
 pub mod imaging;
 pub mod locks;
+pub mod metrics;
 pub mod model;
 pub mod pipeline;
 pub mod store;

@@ -13,6 +13,7 @@ use tokio::sync::{mpsc, OnceCell};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::metrics;
 use crate::tasks::{self, TaskService};
 pub use server::{run, serve, ServeError};
 
@@ -52,6 +53,41 @@ impl pb::upscaler_server::Upscaler for UpscalerApi {
         &self,
         request: Request<Streaming<pb::UploadImageRequest>>,
     ) -> Result<Response<pb::UploadImageResponse>, Status> {
+        metrics::observe("UploadImage", self.upload(request)).await
+    }
+
+    async fn get_task(
+        &self,
+        request: Request<pb::GetTaskRequest>,
+    ) -> Result<Response<pb::Task>, Status> {
+        metrics::observe("GetTask", self.task(request)).await
+    }
+
+    type WatchTaskStream = ReceiverStream<Result<pb::Task, Status>>;
+
+    async fn watch_task(
+        &self,
+        request: Request<pb::WatchTaskRequest>,
+    ) -> Result<Response<Self::WatchTaskStream>, Status> {
+        metrics::observe("WatchTask", self.watch(request)).await
+    }
+
+    type FetchProcessedStream = ReceiverStream<Result<pb::FetchProcessedResponse, Status>>;
+
+    async fn fetch_processed(
+        &self,
+        request: Request<pb::FetchProcessedRequest>,
+    ) -> Result<Response<Self::FetchProcessedStream>, Status> {
+        metrics::observe("FetchProcessed", self.fetch(request)).await
+    }
+}
+
+/// The handlers themselves; the trait methods above only add metrics.
+impl UpscalerApi {
+    async fn upload(
+        &self,
+        request: Request<Streaming<pb::UploadImageRequest>>,
+    ) -> Result<Response<pb::UploadImageResponse>, Status> {
         let core = self.core()?;
         let mut stream = request.into_inner();
         let first = stream.message().await?.ok_or_else(|| {
@@ -69,7 +105,10 @@ impl pb::upscaler_server::Upscaler for UpscalerApi {
             .map(|msg| match msg {
                 Ok(pb::UploadImageRequest {
                     payload: Some(UploadPayload::Chunk(bytes)),
-                }) => Ok(bytes),
+                }) => {
+                    ::metrics::counter!(metrics::UPLOADED_BYTES).increment(bytes.len() as u64);
+                    Ok(bytes)
+                }
                 Ok(_) => Err(tasks::Error::InvalidArgument(
                     "only the first message may carry metadata; later ones carry chunks".into(),
                 )),
@@ -80,7 +119,7 @@ impl pb::upscaler_server::Upscaler for UpscalerApi {
         Ok(Response::new(outcome.into()))
     }
 
-    async fn get_task(
+    async fn task(
         &self,
         request: Request<pb::GetTaskRequest>,
     ) -> Result<Response<pb::Task>, Status> {
@@ -89,12 +128,10 @@ impl pb::upscaler_server::Upscaler for UpscalerApi {
         Ok(Response::new(task.into()))
     }
 
-    type WatchTaskStream = ReceiverStream<Result<pb::Task, Status>>;
-
-    async fn watch_task(
+    async fn watch(
         &self,
         request: Request<pb::WatchTaskRequest>,
-    ) -> Result<Response<Self::WatchTaskStream>, Status> {
+    ) -> Result<Response<ReceiverStream<Result<pb::Task, Status>>>, Status> {
         let id = convert::task_id(&request.get_ref().task_id)?;
         let mut updates = self.core()?.watch(id).await.map_err(status::from_core)?;
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
@@ -108,12 +145,10 @@ impl pb::upscaler_server::Upscaler for UpscalerApi {
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
-    type FetchProcessedStream = ReceiverStream<Result<pb::FetchProcessedResponse, Status>>;
-
-    async fn fetch_processed(
+    async fn fetch(
         &self,
         request: Request<pb::FetchProcessedRequest>,
-    ) -> Result<Response<Self::FetchProcessedStream>, Status> {
+    ) -> Result<Response<ReceiverStream<Result<pb::FetchProcessedResponse, Status>>>, Status> {
         let name = &request.get_ref().file_name;
         if name.is_empty() {
             return Err(Status::invalid_argument("file_name is empty"));
@@ -130,8 +165,11 @@ impl pb::upscaler_server::Upscaler for UpscalerApi {
             }
             while let Some(chunk) = chunks.next().await {
                 let msg = chunk
-                    .map(|c| pb::FetchProcessedResponse {
-                        payload: Some(Payload::Chunk(c)),
+                    .map(|c| {
+                        ::metrics::counter!(metrics::SERVED_BYTES).increment(c.len() as u64);
+                        pb::FetchProcessedResponse {
+                            payload: Some(Payload::Chunk(c)),
+                        }
                     })
                     .map_err(|e| status::from_core(e.into()));
                 let failed = msg.is_err();

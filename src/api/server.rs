@@ -100,6 +100,10 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     settings.validate()?;
+    if let Some(addr) = settings.metrics_addr {
+        crate::metrics::install(addr).map_err(ServeError::Startup)?;
+        tracing::info!(%addr, "metrics on http://{addr}/metrics");
+    }
     let (health, health_service) = tonic_health::server::health_reporter();
     set_health(&health, ServingStatus::NotServing).await;
     // Both reflection versions: v1 for current clients, v1alpha for older ones (grpcurl 1.8).

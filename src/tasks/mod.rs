@@ -276,6 +276,12 @@ impl Inner {
         Ok(())
     }
 
+    /// Publishes how many tasks wait in the queue.
+    fn note_queue_depth(&self) {
+        let depth = self.queue.max_capacity() - self.queue.capacity();
+        metrics::gauge!(crate::metrics::QUEUE_DEPTH).set(depth as f64);
+    }
+
     /// The state of a task this process is running, if it is.
     fn live_state(&self, task_id: &str) -> Option<TaskRecord> {
         let live = self.live.lock().expect("poisoned");

@@ -298,6 +298,7 @@ async fn admit(
                 Error::Unavailable("the server is shutting down".into())
             }
         })?;
+    inner.note_queue_depth();
     tracing::info!(
         task_id,
         file_name = meta.file_name,

@@ -34,6 +34,7 @@ pub(super) async fn run(inner: Arc<Inner>, queue: Arc<Mutex<mpsc::Receiver<Job>>
                 None => break,
             },
         };
+        inner.note_queue_depth();
         let span = tracing::info_span!(
             "task",
             worker,
@@ -61,7 +62,22 @@ async fn run_job(inner: &Arc<Inner>, job: Job) {
         tracing::warn!(error = %e, "cannot record the task start");
     }
     let started = Instant::now();
-    match execute(inner, &mut task).await {
+    let running = metrics::gauge!(crate::metrics::RUNNING_TASKS);
+    running.increment(1.0);
+    let outcome = execute(inner, &mut task).await;
+    running.decrement(1.0);
+    let state = match &outcome {
+        Outcome::Done(..) => "SUCCESS",
+        Outcome::Failed(_) => "FAILURE",
+        Outcome::Interrupted => "INTERRUPTED",
+    };
+    metrics::histogram!(
+        crate::metrics::TASK_SECONDS,
+        "model" => task.options.model.clone(),
+        "state" => state
+    )
+    .record(started.elapsed().as_secs_f64());
+    match outcome {
         Outcome::Done(meta, bytes) => {
             if let Err(e) = inner.results.put(&meta, bytes).await {
                 tracing::error!(error = %e, "cannot store the result");
@@ -152,10 +168,13 @@ async fn execute(inner: &Arc<Inner>, task: &mut TaskRecord) -> Outcome {
         Ok::<_, PipelineError>((encoded, out.width(), out.height()))
     });
     let mut last_persist = Instant::now();
+    let tiles = metrics::counter!(crate::metrics::TILES, "model" => task.options.model.clone());
     while let Some(p) = rx.recv().await {
         // Progress only moves forward, even if a pass reports a smaller total.
         task.tiles_total = p.total as u32;
-        task.tiles_done = task.tiles_done.max(p.done as u32);
+        let done = task.tiles_done.max(p.done as u32);
+        tiles.increment(u64::from(done - task.tiles_done));
+        task.tiles_done = done;
         inner.publish(task);
         if last_persist.elapsed() >= PERSIST_EVERY {
             last_persist = Instant::now();

@@ -1,0 +1,89 @@
+//! The Prometheus endpoint: scraped before and after a task, the counters move. Its own test
+//! binary, because the exporter is installed once per process.
+
+mod common;
+
+use std::io::{Read, Write};
+
+use common::server::{self as srv, Backend, Place, Server};
+use image::{DynamicImage, Rgb, RgbImage};
+use upscaler::api::pb;
+use upscaler::imaging::{self, OutputFormat};
+
+fn scrape(addr: std::net::SocketAddr) -> String {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    text
+}
+
+/// The value of the sample whose line starts with `series` (name and labels), or 0.
+fn value(text: &str, series: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counters_move_after_a_task() {
+    let place = Place::new(Backend::Embedded);
+    let metrics_addr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let mut settings = place.settings();
+    settings.metrics_addr = Some(metrics_addr);
+    let server = Server::start_with(settings).await;
+    let mut c = server.client.clone();
+    let scrape_now = || tokio::task::spawn_blocking(move || scrape(metrics_addr));
+
+    let before = scrape_now().await.unwrap();
+    let img = RgbImage::from_fn(12, 12, |x, y| Rgb([x as u8 * 20, y as u8 * 20, 1]));
+    let bytes = imaging::encode(&DynamicImage::ImageRgb8(img), OutputFormat::Png).unwrap();
+    let r = srv::upload(&mut c, srv::meta("metered.png"), &bytes)
+        .await
+        .unwrap();
+    let t = srv::wait_done(&mut c, &r.task_id).await;
+    assert_eq!(srv::state(&t), pb::TaskState::Success, "{}", t.error);
+    let (_, result, _) = srv::fetch(&mut c, "metered.png").await.unwrap();
+    let missing = c
+        .get_task(pb::GetTaskRequest {
+            task_id: "no-such-task".into(),
+        })
+        .await;
+    assert!(missing.is_err());
+    let after = scrape_now().await.unwrap();
+
+    let moved = |series: &str| value(&after, series) - value(&before, series);
+    assert_eq!(
+        moved(r#"upscaler_requests_total{method="UploadImage",code="Ok"}"#),
+        1.0,
+        "{after}"
+    );
+    assert_eq!(
+        moved(r#"upscaler_requests_total{method="GetTask",code="NotFound"}"#),
+        1.0
+    );
+    assert!(moved(r#"upscaler_requests_total{method="GetTask",code="Ok"}"#) >= 1.0);
+    assert_eq!(
+        moved(r#"upscaler_tiles_total{model="realesr-animevideov3"}"#),
+        f64::from(t.tiles_total)
+    );
+    assert_eq!(moved("upscaler_uploaded_bytes_total"), bytes.len() as f64);
+    assert_eq!(moved("upscaler_served_bytes_total"), result.len() as f64);
+    assert_eq!(
+        moved(
+            r#"upscaler_task_duration_seconds_count{model="realesr-animevideov3",state="SUCCESS"}"#
+        ),
+        1.0
+    );
+    assert!(after.contains("upscaler_request_duration_seconds_bucket{method=\"UploadImage\""));
+    assert_eq!(value(&after, "upscaler_queue_depth"), 0.0);
+    assert_eq!(value(&after, "upscaler_running_tasks"), 0.0);
+    assert!(after.contains("upscaler_running_tasks"));
+    server.stop().await;
+}
