@@ -67,6 +67,14 @@ impl ClientError {
 
     fn from_status(what: &str, s: tonic::Status) -> Self {
         let msg = format!("{what}: {} ({:?})", s.message(), s.code());
+        // A connection that breaks (e.g. plaintext to a TLS server) arrives as UNKNOWN with a
+        // transport error behind it: the server is not usable from here.
+        let transport = std::error::Error::source(&s)
+            .is_some_and(|e| e.is::<tonic::transport::Error>())
+            || s.message() == "transport error";
+        if s.code() == Code::Unknown && transport {
+            return Self::Unavailable(msg);
+        }
         match s.code() {
             Code::Unavailable | Code::DeadlineExceeded => Self::Unavailable(msg),
             Code::InvalidArgument
@@ -84,7 +92,13 @@ impl ClientError {
 
 /// Connects to `addr` (e.g. `http://127.0.0.1:50051`), failing within a few seconds; every
 /// call then carries `token` as a bearer token.
-pub async fn connect(addr: &str, token: Option<&str>) -> Result<Client, ClientError> {
+/// An `https://` address uses TLS, trusting `ca` (a PEM file) if given, else the public web
+/// roots.
+pub async fn connect(
+    addr: &str,
+    token: Option<&str>,
+    ca: Option<&Path>,
+) -> Result<Client, ClientError> {
     let token = token
         .map(|t| {
             MetadataValue::try_from(format!("Bearer {t}"))
@@ -94,6 +108,19 @@ pub async fn connect(addr: &str, token: Option<&str>) -> Result<Client, ClientEr
     let endpoint = Channel::from_shared(addr.to_string())
         .map_err(|e| ClientError::Input(format!("bad server address `{addr}`: {e}")))?
         .connect_timeout(Duration::from_secs(5));
+    let endpoint = if addr.starts_with("https://") {
+        let mut tls = tonic::transport::ClientTlsConfig::new().with_webpki_roots();
+        if let Some(ca) = ca {
+            let pem = std::fs::read(ca)
+                .map_err(|e| ClientError::Input(format!("cannot read {}: {e}", ca.display())))?;
+            tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(pem));
+        }
+        endpoint
+            .tls_config(tls)
+            .map_err(|e| ClientError::Input(format!("TLS: {e}")))?
+    } else {
+        endpoint
+    };
     let channel = endpoint.connect().await.map_err(|e| {
         ClientError::Unavailable(format!("cannot connect to {addr}: {}", cause(&e)))
     })?;

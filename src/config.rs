@@ -70,6 +70,12 @@ pub struct Settings {
     /// Address of the Prometheus endpoint (`GET /metrics`), e.g. 0.0.0.0:9090; unset: off.
     #[arg(long, env = "METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,
+    /// PEM certificate chain for TLS; with TLS_KEY, the server speaks only TLS.
+    #[arg(long, env = "TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for TLS_CERT.
+    #[arg(long, env = "TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
     /// Bearer token every RPC but health requires (`authorization: Bearer <token>`); unset:
     /// no authentication.
     #[arg(long, env = "AUTH_TOKEN", hide_env_values = true)]

@@ -71,6 +71,9 @@ struct ClientArgs {
     /// Bearer token, for servers started with AUTH_TOKEN.
     #[arg(long, env = "UPSCALER_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// CA certificate (PEM) to trust for an https:// address, e.g. a self-signed server's.
+    #[arg(long, env = "UPSCALER_CA")]
+    ca: Option<PathBuf>,
     /// Print the result as one JSON object on stdout.
     #[arg(long)]
     json: bool,
@@ -300,7 +303,8 @@ async fn run_client(command: Command) -> Result<(), ClientError> {
                     file.display()
                 )));
             }
-            let mut c = client::connect(&args.addr, args.token.as_deref()).await?;
+            let mut c =
+                client::connect(&args.addr, args.token.as_deref(), args.ca.as_deref()).await?;
             let opts = client::UploadOptions {
                 model,
                 outscale,
@@ -343,7 +347,8 @@ async fn run_client(command: Command) -> Result<(), ClientError> {
             task_id,
             client: args,
         } => {
-            let mut c = client::connect(&args.addr, args.token.as_deref()).await?;
+            let mut c =
+                client::connect(&args.addr, args.token.as_deref(), args.ca.as_deref()).await?;
             let task = client::get_task(&mut c, &task_id).await?;
             print_task(args.json, &task)?;
             ensure_not_failed(&task)
@@ -352,7 +357,8 @@ async fn run_client(command: Command) -> Result<(), ClientError> {
             task_id,
             client: args,
         } => {
-            let mut c = client::connect(&args.addr, args.token.as_deref()).await?;
+            let mut c =
+                client::connect(&args.addr, args.token.as_deref(), args.ca.as_deref()).await?;
             let task = follow(&mut c, &task_id).await?;
             print_task(args.json, &task)?;
             ensure_success(&task)
@@ -362,7 +368,8 @@ async fn run_client(command: Command) -> Result<(), ClientError> {
             output,
             client: args,
         } => {
-            let mut c = client::connect(&args.addr, args.token.as_deref()).await?;
+            let mut c =
+                client::connect(&args.addr, args.token.as_deref(), args.ca.as_deref()).await?;
             let (meta, out) = client::fetch(&mut c, &name, |_| {
                 output.unwrap_or_else(|| PathBuf::from(&name))
             })

@@ -164,7 +164,19 @@ pub async fn serve(
     tracing::info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "listening");
     // Everything but health answers only to the bearer token, when one is set.
     let auth = BearerAuth(settings.auth_token.clone());
-    tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let (Some(cert), Some(key)) = (&settings.tls_cert, &settings.tls_key) {
+        let read = |p: &std::path::PathBuf| {
+            std::fs::read(p)
+                .map_err(|e| ServeError::Startup(format!("cannot read {}: {e}", p.display())))
+        };
+        let identity = tonic::transport::Identity::from_pem(read(cert)?, read(key)?);
+        builder = builder
+            .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+            .map_err(|e| ServeError::Startup(format!("TLS: {e}")))?;
+        tracing::info!(cert = %cert.display(), "TLS on");
+    }
+    builder
         // One span per call: its method, and the caller's request id when it sends one.
         .trace_fn(|req| {
             let request_id = req
