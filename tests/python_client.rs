@@ -7,7 +7,7 @@ mod common;
 
 use std::process::{Command, Output};
 
-use common::server::{Backend, Place, Server};
+use common::server::{self as srv, Backend, Place, Server};
 use image::{DynamicImage, Rgb, RgbImage};
 use upscaler::imaging::{self, OutputFormat};
 
@@ -40,12 +40,28 @@ async fn run(python: &str, args: Vec<String>) -> Output {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn python_client_uploads_watches_and_fetches() {
-    let Some(py) = python() else { return };
-    let o = run(&py, vec!["gen_stubs.py".into()]).await;
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+async fn python_client_on_embedded_backends() {
+    session(Place::new(Backend::Embedded)).await;
+}
 
-    let place = Place::new(Backend::Embedded);
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_client_on_real_backends() {
+    if let Some(b) = srv::real_backend("python_client_on_real_backends") {
+        session(Place::new(b)).await;
+    }
+}
+
+/// Stubs (generated once per test binary), then upload, watch and fetch; the same file
+/// again; a refused upload.
+async fn session(place: Place) {
+    let Some(py) = python() else { return };
+    static STUBS: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
+    STUBS
+        .get_or_init(|| async {
+            let o = run(&py, vec!["gen_stubs.py".into()]).await;
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        })
+        .await;
     let server = Server::start(&place).await;
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("py.png");
