@@ -7,8 +7,6 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 use common::server::{self as srv, Backend, Place, Server};
-use image::{DynamicImage, Rgb, RgbImage};
-use upscaler::imaging::{self, OutputFormat};
 
 /// Runs the binary off the async executor (the server runs on it).
 async fn upscaler(addr: &str, args: &[&str]) -> Output {
@@ -38,13 +36,8 @@ fn json(o: &Output) -> serde_json::Value {
 }
 
 fn write_png(dir: &Path, name: &str, w: u32, h: u32) -> std::path::PathBuf {
-    let img = RgbImage::from_fn(w, h, |x, y| Rgb([x as u8 * 9, y as u8 * 13, 200]));
     let path = dir.join(name);
-    std::fs::write(
-        &path,
-        imaging::encode(&DynamicImage::ImageRgb8(img), OutputFormat::Png).unwrap(),
-    )
-    .unwrap();
+    std::fs::write(&path, srv::png(w, h, 0)).unwrap();
     path
 }
 

@@ -8,8 +8,6 @@ use std::process::Command;
 use base64::Engine;
 
 use common::server::{Backend, Place, Server};
-use image::{DynamicImage, Rgb, RgbImage};
-use upscaler::imaging::{self, OutputFormat};
 
 fn grpcurl() -> Option<String> {
     if let Ok(p) = std::env::var("UPSCALER_TEST_GRPCURL") {
@@ -80,8 +78,7 @@ async fn grpcurl_lists_describes_and_calls_every_rpc() {
     .await;
     assert!(ok && out.contains("SERVING"), "{out}");
 
-    let img = RgbImage::from_fn(12, 8, |x, y| Rgb([x as u8 * 20, y as u8 * 30, 99]));
-    let png = imaging::encode(&DynamicImage::ImageRgb8(img), OutputFormat::Png).unwrap();
+    let png = common::server::png(12, 8, 99);
     let body = format!(
         r#"{{"metadata":{{"file_name":"curl.png","model":"realesr-animevideov3"}}}} {{"chunk":"{}"}}"#,
         base64::engine::general_purpose::STANDARD.encode(&png)

@@ -6,9 +6,7 @@ mod common;
 use std::io::{Read, Write};
 
 use common::server::{self as srv, Backend, Place, Server};
-use image::{DynamicImage, Rgb, RgbImage};
 use upscaler::api::pb;
-use upscaler::imaging::{self, OutputFormat};
 
 fn scrape(addr: std::net::SocketAddr) -> String {
     let mut s = std::net::TcpStream::connect(addr).unwrap();
@@ -42,8 +40,7 @@ async fn counters_move_after_a_task() {
     let scrape_now = || tokio::task::spawn_blocking(move || scrape(metrics_addr));
 
     let before = scrape_now().await.unwrap();
-    let img = RgbImage::from_fn(12, 12, |x, y| Rgb([x as u8 * 20, y as u8 * 20, 1]));
-    let bytes = imaging::encode(&DynamicImage::ImageRgb8(img), OutputFormat::Png).unwrap();
+    let bytes = srv::png(12, 12, 1);
     let r = srv::upload(&mut c, srv::meta("metered.png"), &bytes)
         .await
         .unwrap();

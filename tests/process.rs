@@ -8,10 +8,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::server::{self as srv, Backend, Place, Server};
-use image::{DynamicImage, Rgb, RgbImage};
 use tonic::transport::Channel;
 use upscaler::api::pb::{self, upscaler_client::UpscalerClient};
-use upscaler::imaging::{self, OutputFormat};
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -72,10 +70,7 @@ async fn connect(port: u16) -> srv::Client {
 
 /// A slow task: x4plus over 16 tiles.
 fn slow_upload() -> (pb::UploadMetadata, Vec<u8>) {
-    let img = RgbImage::from_fn(64, 64, |x, y| {
-        Rgb([(x * 3) as u8, (y * 3) as u8, (x ^ y) as u8])
-    });
-    let bytes = imaging::encode(&DynamicImage::ImageRgb8(img), OutputFormat::Png).unwrap();
+    let bytes = srv::png(64, 64, 3);
     (
         pb::UploadMetadata {
             tile: Some(16),
@@ -204,8 +199,7 @@ async fn json_logs_carry_task_and_request_ids() {
         .spawn()
         .unwrap();
     let mut c = connect(port).await;
-    let img = RgbImage::from_fn(8, 8, |x, y| Rgb([x as u8 * 30, y as u8 * 30, 7]));
-    let bytes = imaging::encode(&DynamicImage::ImageRgb8(img), OutputFormat::Png).unwrap();
+    let bytes = srv::png(8, 8, 7);
     let mut request = tonic::Request::new(futures::stream::iter(vec![
         pb::UploadImageRequest {
             payload: Some(pb::upload_image_request::Payload::Metadata(srv::meta(

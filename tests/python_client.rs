@@ -8,8 +8,6 @@ mod common;
 use std::process::{Command, Output};
 
 use common::server::{self as srv, Backend, Place, Server};
-use image::{DynamicImage, Rgb, RgbImage};
-use upscaler::imaging::{self, OutputFormat};
 
 fn python() -> Option<String> {
     match std::env::var("UPSCALER_TEST_PYTHON") {
@@ -65,12 +63,7 @@ async fn session(place: Place) {
     let server = Server::start(&place).await;
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("py.png");
-    let img = RgbImage::from_fn(10, 6, |x, y| Rgb([x as u8 * 20, y as u8 * 40, 90]));
-    std::fs::write(
-        &input,
-        imaging::encode(&DynamicImage::ImageRgb8(img), OutputFormat::Png).unwrap(),
-    )
-    .unwrap();
+    std::fs::write(&input, srv::png(10, 6, 90)).unwrap();
     let out = dir.path().join("py_x4.png");
     let args = |extra: &[&str]| -> Vec<String> {
         let mut a: Vec<String> = vec![

@@ -5,12 +5,10 @@ mod common;
 
 use std::time::Duration;
 
-use common::server::{self as srv, Backend, Place, Server};
+use common::server::{self as srv, png, Backend, Place, Server};
 use futures::StreamExt;
-use image::{DynamicImage, Rgb, RgbImage};
 use tonic::Code;
 use upscaler::api::pb;
-use upscaler::imaging::{self, OutputFormat};
 
 /// Runs `scenario` once on each backend.
 macro_rules! on_both_backends {
@@ -47,13 +45,6 @@ on_both_backends!(
     big_result_round_trips,
     full_queue_is_refused_cleanly,
 );
-
-fn png(w: u32, h: u32, seed: u8) -> Vec<u8> {
-    let img = RgbImage::from_fn(w, h, |x, y| {
-        Rgb([(x * 7) as u8 ^ seed, (y * 5) as u8, (x + y) as u8 ^ seed])
-    });
-    imaging::encode(&DynamicImage::ImageRgb8(img), OutputFormat::Png).unwrap()
-}
 
 async fn not_found_task(place: Place) {
     let server = Server::start(&place).await;

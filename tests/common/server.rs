@@ -331,3 +331,13 @@ pub async fn store_result(place: &Place, name: &str, bytes: Vec<u8>) {
         .await
         .unwrap();
 }
+
+/// A small textured RGB PNG; `seed` varies the pixels (and so the sha256).
+pub fn png(w: u32, h: u32, seed: u8) -> Vec<u8> {
+    use image::{DynamicImage, Rgb, RgbImage};
+    use upscaler::imaging::{self, OutputFormat};
+    let img = RgbImage::from_fn(w, h, |x, y| {
+        Rgb([(x * 7) as u8 ^ seed, (y * 5) as u8, (x + y) as u8 ^ seed])
+    });
+    imaging::encode(&DynamicImage::ImageRgb8(img), OutputFormat::Png).unwrap()
+}
