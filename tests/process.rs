@@ -20,6 +20,12 @@ fn free_port() -> u16 {
 }
 
 fn spawn_server(place: &Place, port: u16, extra: &[(&str, &str)]) -> Child {
+    server_command(place, port, extra).spawn().unwrap()
+}
+
+/// `upscaler serve` for `place` on `port` with only the settings the acceptance checks use
+/// (plus `extra`), output discarded.
+fn server_command(place: &Place, port: u16, extra: &[(&str, &str)]) -> Command {
     let s = place.settings();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_upscaler"));
     cmd.arg("serve")
@@ -44,7 +50,7 @@ fn spawn_server(place: &Place, port: u16, extra: &[(&str, &str)]) -> Child {
     for (k, v) in extra {
         cmd.env(k, v);
     }
-    cmd.spawn().unwrap()
+    cmd
 }
 
 async fn connect(port: u16) -> srv::Client {
@@ -184,17 +190,11 @@ async fn json_logs_carry_task_and_request_ids() {
     let port = free_port();
     let log_path = place.temp_dir.with_file_name("server.log");
     let log = std::fs::File::create(&log_path).unwrap();
-    let s = place.settings();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_upscaler"))
-        .arg("serve")
-        .current_dir(common::root())
-        .env_clear()
-        .env("LISTEN_ADDR", format!("127.0.0.1:{port}"))
-        .env("DATA_DIR", &s.data_dir)
-        .env("TEMP_DIR", &s.temp_dir)
-        .env("DEFAULT_MODEL", "realesr-animevideov3")
-        .env("LOG_FORMAT", "json")
-        .stdout(Stdio::null())
+    let extra = [
+        ("DEFAULT_MODEL", "realesr-animevideov3"),
+        ("LOG_FORMAT", "json"),
+    ];
+    let mut child = server_command(&place, port, &extra)
         .stderr(log)
         .spawn()
         .unwrap();
