@@ -232,29 +232,29 @@ pub async fn watch(
 
 pub fn is_terminal(task: &pb::Task) -> bool {
     matches!(
-        pb::TaskState::try_from(task.state),
-        Ok(pb::TaskState::Success | pb::TaskState::Failure)
+        task.state(),
+        pb::TaskState::Success | pb::TaskState::Failure
     )
 }
 
 /// `SUCCESS`, `FAILURE`, ...
 pub fn state_name(task: &pb::Task) -> &'static str {
-    match pb::TaskState::try_from(task.state) {
-        Ok(pb::TaskState::Pending) => "PENDING",
-        Ok(pb::TaskState::Started) => "STARTED",
-        Ok(pb::TaskState::Success) => "SUCCESS",
-        Ok(pb::TaskState::Failure) => "FAILURE",
-        _ => "UNKNOWN",
+    match task.state() {
+        pb::TaskState::Pending => "PENDING",
+        pb::TaskState::Started => "STARTED",
+        pb::TaskState::Success => "SUCCESS",
+        pb::TaskState::Failure => "FAILURE",
+        pb::TaskState::Unspecified => "UNKNOWN",
     }
 }
 
 /// `QUEUED`, `IN_PROGRESS`, `ALREADY_PROCESSED`.
 pub fn outcome_name(r: &pb::UploadImageResponse) -> &'static str {
-    match pb::UploadOutcome::try_from(r.outcome) {
-        Ok(pb::UploadOutcome::Queued) => "QUEUED",
-        Ok(pb::UploadOutcome::InProgress) => "IN_PROGRESS",
-        Ok(pb::UploadOutcome::AlreadyProcessed) => "ALREADY_PROCESSED",
-        _ => "UNKNOWN",
+    match r.outcome() {
+        pb::UploadOutcome::Queued => "QUEUED",
+        pb::UploadOutcome::InProgress => "IN_PROGRESS",
+        pb::UploadOutcome::AlreadyProcessed => "ALREADY_PROCESSED",
+        pb::UploadOutcome::Unspecified => "UNKNOWN",
     }
 }
 

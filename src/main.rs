@@ -324,7 +324,7 @@ async fn run_client(command: Command) -> Result<(), ClientError> {
                 );
             }
             eprintln!("{outcome} {} task {}", r.file_name, r.task_id);
-            if outcome != "ALREADY_PROCESSED" {
+            if r.outcome() != pb::UploadOutcome::AlreadyProcessed {
                 let task = follow(&mut c, &r.task_id).await?;
                 ensure_success(&task)?;
             }
@@ -399,7 +399,7 @@ async fn follow(c: &mut client::Client, task_id: &str) -> Result<pb::Task, Clien
 }
 
 fn ensure_not_failed(task: &pb::Task) -> Result<(), ClientError> {
-    if client::state_name(task) == "FAILURE" {
+    if task.state() == pb::TaskState::Failure {
         return Err(ClientError::TaskFailed {
             task_id: task.task_id.clone(),
             error: task.error.clone(),
@@ -410,13 +410,14 @@ fn ensure_not_failed(task: &pb::Task) -> Result<(), ClientError> {
 
 fn ensure_success(task: &pb::Task) -> Result<(), ClientError> {
     ensure_not_failed(task)?;
-    match client::state_name(task) {
-        "SUCCESS" => Ok(()),
-        other => Err(ClientError::Other(format!(
-            "task {} is {other}",
-            task.task_id
-        ))),
+    if task.state() == pb::TaskState::Success {
+        return Ok(());
     }
+    Err(ClientError::Other(format!(
+        "task {} is {}",
+        task.task_id,
+        client::state_name(task)
+    )))
 }
 
 fn print_result(json: bool, value: serde_json::Value, human: String) -> Result<(), ClientError> {
