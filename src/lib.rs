@@ -9,6 +9,7 @@ pub mod api;
 pub mod bench;
 pub mod client;
 pub mod config;
+pub mod events;
 pub mod imaging;
 pub mod locks;
 pub mod metrics;

@@ -7,17 +7,8 @@ mod common;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::server::{self as srv, Backend, Place, Server};
-use tonic::transport::Channel;
-use upscaler::api::pb::{self, upscaler_client::UpscalerClient};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use common::server::{self as srv, connect, free_port, Backend, Place, Server};
+use upscaler::api::pb;
 
 fn spawn_server(place: &Place, port: u16, extra: &[(&str, &str)]) -> Child {
     server_command(place, port, extra).spawn().unwrap()
@@ -51,27 +42,6 @@ fn server_command(place: &Place, port: u16, extra: &[(&str, &str)]) -> Command {
         cmd.env(k, v);
     }
     cmd
-}
-
-async fn connect(port: u16) -> srv::Client {
-    let url = format!("http://127.0.0.1:{port}");
-    for _ in 0..600 {
-        if let Ok(ch) = Channel::from_shared(url.clone()).unwrap().connect().await {
-            let mut c = UpscalerClient::new(ch);
-            // Ready when the core answers (NOT_FOUND), not UNAVAILABLE.
-            match c
-                .get_task(pb::GetTaskRequest {
-                    task_id: "probe".into(),
-                })
-                .await
-            {
-                Err(s) if s.code() == tonic::Code::NotFound => return c,
-                _ => {}
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("server on port {port} never became ready");
 }
 
 /// A slow task: x4plus over 16 tiles.

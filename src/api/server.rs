@@ -16,8 +16,9 @@ use super::pb::upscaler_server::UpscalerServer;
 use super::{pb, UpscalerApi};
 use crate::config::{ConfigError, Settings};
 use crate::locks::{memory::MemoryLocks, redis::RedisLocks, LockManager};
-use crate::store::{embedded::EmbeddedStore, mongo::MongoStore, ResultStore, TaskStore};
-use crate::tasks::TaskService;
+use crate::events::RedisEvents;
+use crate::store::{embedded::EmbeddedStore, mongo::MongoStore};
+use crate::tasks::{Backends, TaskService};
 
 const SERVICE_NAME: &str = "upscaler.v1.Upscaler";
 
@@ -48,48 +49,70 @@ pub async fn run(
     serve(settings, listener, shutdown).await
 }
 
-type Backends = (
-    Arc<dyn TaskStore>,
-    Arc<dyn ResultStore>,
-    Arc<dyn LockManager>,
-);
-
+/// The backends `settings` name. With MongoDB, tasks are queued in it and shared by every
+/// instance on the same database; with Redis too, instances tell each other about task
+/// progress and new work over pub/sub.
 async fn backends(settings: &Settings) -> Result<Backends, ServeError> {
-    let (tasks, results): (Arc<dyn TaskStore>, Arc<dyn ResultStore>) = match &settings.mongo_uri {
-        Some(uri) => {
-            let store = MongoStore::connect(uri, &settings.mongo_database, settings.task_ttl())
-                .await
-                .map_err(|e| ServeError::Startup(format!("MongoDB: {e}")))?;
-            tracing::info!(
-                database = settings.mongo_database,
-                "storing tasks and results in MongoDB"
-            );
-            let store = Arc::new(store);
-            (store.clone(), store)
-        }
-        None => {
-            let store = EmbeddedStore::open(&settings.data_dir).map_err(|e| {
-                ServeError::Startup(format!("DATA_DIR {}: {e}", settings.data_dir.display()))
-            })?;
-            tracing::info!(dir = %settings.data_dir.display(), "MONGO_URI unset: embedded store on local files");
-            let store = Arc::new(store);
-            (store.clone(), store)
-        }
-    };
-    let locks: Arc<dyn LockManager> = match &settings.redis_url {
+    let instance = crate::tasks::new_instance_id();
+    let redis = match &settings.redis_url {
         Some(url) => {
             let locks = RedisLocks::connect(url, &settings.redis_prefix)
                 .await
                 .map_err(|e| ServeError::Startup(format!("Redis: {e}")))?;
             tracing::info!("file-name locks in Redis");
-            Arc::new(locks)
+            Some((url, locks))
         }
         None => {
             tracing::info!("REDIS_URL unset: in-process file-name locks");
-            Arc::new(MemoryLocks::new())
+            None
         }
     };
-    Ok((tasks, results, locks))
+    let Some(uri) = &settings.mongo_uri else {
+        let store = EmbeddedStore::open(&settings.data_dir).map_err(|e| {
+            ServeError::Startup(format!("DATA_DIR {}: {e}", settings.data_dir.display()))
+        })?;
+        tracing::info!(dir = %settings.data_dir.display(), "MONGO_URI unset: embedded store on local files, in-process queue");
+        let store = Arc::new(store);
+        let locks: Arc<dyn LockManager> = match redis {
+            Some((_, locks)) => Arc::new(locks),
+            None => Arc::new(MemoryLocks::new()),
+        };
+        return Ok(Backends::single(settings, store.clone(), store, locks));
+    };
+    let store = MongoStore::connect(uri, &settings.mongo_database, settings.task_ttl())
+        .await
+        .map_err(|e| ServeError::Startup(format!("MongoDB: {e}")))?;
+    tracing::info!(
+        database = settings.mongo_database,
+        "tasks, the shared queue, uploads and results in MongoDB"
+    );
+    let store = Arc::new(store);
+    let (locks, events): (Arc<dyn LockManager>, _) = match redis {
+        Some((url, locks)) => {
+            let events = RedisEvents::connect(
+                url,
+                &settings.redis_prefix,
+                locks.client().clone(),
+                &instance,
+            )
+            .await
+            .map_err(|e| ServeError::Startup(format!("Redis pub/sub: {e}")))?;
+            (Arc::new(locks), Some(Arc::new(events)))
+        }
+        None => {
+            tracing::warn!("MONGO_URI without REDIS_URL: file-name locks are per instance, so run only one");
+            (Arc::new(MemoryLocks::new()), None)
+        }
+    };
+    Ok(Backends {
+        tasks: store.clone(),
+        results: store.clone(),
+        sources: store.clone(),
+        queue: Some(store),
+        locks,
+        events,
+        instance,
+    })
 }
 
 /// Serves on `listener` until `shutdown` completes. Health reports NOT_SERVING until the
@@ -125,16 +148,28 @@ pub async fn serve(
         let (core, health, settings) = (core.clone(), health.clone(), settings.clone());
         tokio::spawn(async move {
             let started = async {
-                let (tasks, results, locks) = backends(&settings).await?;
-                TaskService::start(settings, tasks, results, locks)
+                let backends = backends(&settings).await?;
+                TaskService::start_with(settings, backends)
                     .await
                     .map_err(|e| ServeError::Startup(e.to_string()))
             };
             match started.await {
                 Ok(service) => {
+                    let mut up = service.backends_up();
                     let _ = core.set(service);
-                    set_health(&health, ServingStatus::Serving).await;
                     tracing::info!("ready");
+                    // Health follows the backends until shutdown aborts this task.
+                    loop {
+                        let status = if *up.borrow_and_update() {
+                            ServingStatus::Serving
+                        } else {
+                            ServingStatus::NotServing
+                        };
+                        set_health(&health, status).await;
+                        if up.changed().await.is_err() {
+                            break;
+                        }
+                    }
                 }
                 Err(e) => {
                     let _ = failed_tx.send(e);
@@ -153,8 +188,9 @@ pub async fn serve(
                     *startup_error.lock().expect("poisoned") = Some(e);
                 }
             }
-            set_health(&health, ServingStatus::NotServing).await;
+            // Stop the health updates first, so nothing flips it back to SERVING.
             starter.abort();
+            set_health(&health, ServingStatus::NotServing).await;
             if let Some(service) = core.get() {
                 service.shutdown().await;
             }

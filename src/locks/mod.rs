@@ -32,4 +32,8 @@ pub trait LockManager: Send + Sync {
     async fn release(&self, name: &str, token: &str) -> Result<bool, LockError>;
     /// The current holder's token.
     async fn holder(&self, name: &str) -> Result<Option<String>, LockError>;
+    /// Fails if the backend cannot be reached now (for health checks).
+    async fn ping(&self) -> Result<(), LockError> {
+        Ok(())
+    }
 }

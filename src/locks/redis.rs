@@ -40,46 +40,62 @@ impl RedisLocks {
     /// After that the client reconnects on its own; commands issued while it is down fail
     /// with `Unavailable` after the command timeout.
     pub async fn connect(url: &str, prefix: &str) -> Result<Self, LockError> {
-        let shown = redact_url(url);
-        let config = Config::from_url(url)
-            .map_err(|e| LockError::Unavailable(format!("invalid Redis URL {shown}: {e}")))?;
-        // `fail_fast` (the default) makes `init` return the first connection error instead of
-        // entering the reconnect loop; the policy only applies once we are connected.
-        let client = fred::prelude::Builder::from_config(config)
-            .with_connection_config(|c| {
-                c.connection_timeout = TIMEOUT;
-                c.internal_command_timeout = TIMEOUT;
-            })
-            .with_performance_config(|p| p.default_command_timeout = TIMEOUT)
-            .set_policy(ReconnectPolicy::new_exponential(0, 100, 5_000, 2))
-            .build()
-            .map_err(|e| LockError::Unavailable(format!("Redis client for {shown}: {e}")))?;
-
-        let unreachable =
-            |e: String| LockError::Unavailable(format!("cannot connect to Redis at {shown}: {e}"));
-        match tokio::time::timeout(TIMEOUT + Duration::from_secs(1), client.init()).await {
-            Ok(Ok(_driver_task)) => {}
-            Ok(Err(e)) => return Err(unreachable(e.to_string())),
-            Err(_) => {
-                // Stop the connection task so it does not retry behind our back.
-                let _ = client.quit().await;
-                return Err(unreachable("timed out".into()));
-            }
-        }
-        let pong: Result<String, _> = client.ping(None).await;
-        if let Err(e) = pong {
-            let _ = client.quit().await;
-            return Err(unreachable(format!("PING failed: {e}")));
-        }
+        let client = connect_client(url, |b| b.build()).await?;
         Ok(Self {
             client,
             prefix: prefix.to_owned(),
         })
     }
 
+    /// The connected client, for other users of the same server (task events).
+    pub fn client(&self) -> &fred::prelude::Client {
+        &self.client
+    }
+
     fn key(&self, name: &str) -> String {
         format!("{}:lock:{name}", self.prefix)
     }
+}
+
+/// Builds a client of the kind `build` makes for `url`, connects and PINGs it, failing within
+/// a few seconds if the server cannot be reached. After that the client reconnects on its own
+/// (with backoff); commands issued while it is down fail after the command timeout.
+pub async fn connect_client<C: ClientLike>(
+    url: &str,
+    build: impl FnOnce(&fred::prelude::Builder) -> Result<C, fred::error::Error>,
+) -> Result<C, LockError> {
+    let shown = redact_url(url);
+    let config = Config::from_url(url)
+        .map_err(|e| LockError::Unavailable(format!("invalid Redis URL {shown}: {e}")))?;
+    // `fail_fast` (the default) makes `init` return the first connection error instead of
+    // entering the reconnect loop; the policy only applies once we are connected.
+    let mut builder = fred::prelude::Builder::from_config(config);
+    builder
+        .with_connection_config(|c| {
+            c.connection_timeout = TIMEOUT;
+            c.internal_command_timeout = TIMEOUT;
+        })
+        .with_performance_config(|p| p.default_command_timeout = TIMEOUT)
+        .set_policy(ReconnectPolicy::new_exponential(0, 100, 2_000, 2));
+    let client = build(&builder)
+        .map_err(|e| LockError::Unavailable(format!("Redis client for {shown}: {e}")))?;
+    let unreachable =
+        |e: String| LockError::Unavailable(format!("cannot connect to Redis at {shown}: {e}"));
+    match tokio::time::timeout(TIMEOUT + Duration::from_secs(1), client.init()).await {
+        Ok(Ok(_driver_task)) => {}
+        Ok(Err(e)) => return Err(unreachable(e.to_string())),
+        Err(_) => {
+            // Stop the connection task so it does not retry behind our back.
+            let _ = client.quit().await;
+            return Err(unreachable("timed out".into()));
+        }
+    }
+    let pong: Result<String, _> = client.ping(None).await;
+    if let Err(e) = pong {
+        let _ = client.quit().await;
+        return Err(unreachable(format!("PING failed: {e}")));
+    }
+    Ok(client)
 }
 
 fn unavailable(e: fred::error::Error) -> LockError {
@@ -163,6 +179,11 @@ impl LockManager for RedisLocks {
 
     async fn holder(&self, name: &str) -> Result<Option<String>, LockError> {
         self.client.get(self.key(name)).await.map_err(unavailable)
+    }
+
+    async fn ping(&self) -> Result<(), LockError> {
+        let _: String = self.client.ping(None).await.map_err(unavailable)?;
+        Ok(())
     }
 }
 

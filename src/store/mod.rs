@@ -6,6 +6,9 @@
 pub mod embedded;
 pub mod mongo;
 
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
 use futures::io::{AsyncRead, AsyncReadExt};
 use futures::stream::BoxStream;
 
@@ -41,6 +44,10 @@ pub trait TaskStore: Send + Sync {
     /// Deletes records whose `expires_at_ms` is before `now_ms`. Backends with their own
     /// expiry (a MongoDB TTL index) may do nothing.
     async fn purge_expired(&self, now_ms: i64) -> Result<u64, StoreError>;
+    /// Fails if the backend cannot be reached now (for health checks).
+    async fn ping(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
 }
 
 #[async_trait::async_trait]
@@ -51,6 +58,73 @@ pub trait ResultStore: Send + Sync {
     async fn put(&self, meta: &ResultMeta, bytes: Vec<u8>) -> Result<(), StoreError>;
     /// The result and its bytes as chunks of at most `CHUNK_SIZE`.
     async fn open(&self, file_name: &str) -> Result<Option<(ResultMeta, ChunkStream)>, StoreError>;
+}
+
+/// The work queue shared by several instances: the task records themselves, each claimed by
+/// one worker under a lease that the worker keeps renewing. A task whose lease runs out (its
+/// worker died) can be claimed again, so no task is lost with an instance.
+#[async_trait::async_trait]
+pub trait TaskQueue: Send + Sync {
+    /// Claims the oldest task that is PENDING and not leased, or whose lease has run out,
+    /// for `owner` until `lease` from now. The record comes back as stored.
+    async fn claim(&self, owner: &str, lease: Duration) -> Result<Option<TaskRecord>, StoreError>;
+    /// Extends the lease if `owner` still holds it; false if it lost it.
+    async fn renew_lease(&self, id: &str, owner: &str, lease: Duration)
+        -> Result<bool, StoreError>;
+    /// Saves the record if `owner` still holds its lease, leaving the lease as it is.
+    async fn put_leased(&self, task: &TaskRecord, owner: &str) -> Result<bool, StoreError>;
+    /// Saves the record and gives the task back to the queue, if `owner` still holds it.
+    async fn unlease(&self, task: &TaskRecord, owner: &str) -> Result<bool, StoreError>;
+    /// How many tasks wait for a worker.
+    async fn waiting(&self) -> Result<u64, StoreError>;
+}
+
+/// Uploaded images between upload and the end of their task.
+#[async_trait::async_trait]
+pub trait SourceStore: Send + Sync {
+    /// Takes the finished upload at `path` (which may be moved or deleted).
+    async fn put_source(&self, task_id: &str, path: &Path) -> Result<(), StoreError>;
+    async fn source(&self, task_id: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Deleting a missing source is not an error.
+    async fn delete_source(&self, task_id: &str) -> Result<(), StoreError>;
+}
+
+/// Sources as files in the local temp dir: for a single instance.
+pub struct LocalSources {
+    dir: PathBuf,
+}
+
+impl LocalSources {
+    pub fn new(dir: PathBuf) -> Self {
+        Self { dir }
+    }
+
+    pub fn path(&self, task_id: &str) -> PathBuf {
+        self.dir.join(format!("{task_id}.src"))
+    }
+}
+
+#[async_trait::async_trait]
+impl SourceStore for LocalSources {
+    async fn put_source(&self, task_id: &str, path: &Path) -> Result<(), StoreError> {
+        tokio::fs::rename(path, self.path(task_id)).await?;
+        Ok(())
+    }
+
+    async fn source(&self, task_id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        match tokio::fs::read(self.path(task_id)).await {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn delete_source(&self, task_id: &str) -> Result<(), StoreError> {
+        match tokio::fs::remove_file(self.path(task_id)).await {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
+            _ => Ok(()),
+        }
+    }
 }
 
 /// Streams `reader` in chunks of at most `CHUNK_SIZE`, failing unless it holds exactly `size`

@@ -6,13 +6,20 @@
 //! - `results`: one document per file name, `_id` = file name, the `ResultMeta` fields plus
 //!   `blob_id`, the GridFS file holding the bytes.
 //! - GridFS bucket `results`: the bytes, because results can exceed the 16 MB document limit.
+//! - GridFS bucket `uploads`: each unfinished task's source image, file id = task id, so any
+//!   instance can run any task; deleted when the task ends.
+//!
+//! The `tasks` collection is also the shared work queue (`TaskQueue`): a worker claims a task
+//! by setting `lease_owner` and `lease_until_ms` in one findAndModify and keeps pushing the
+//! deadline forward; a task whose deadline passed is claimable again.
 //!
 //! A result is replaced by uploading the new blob, then swapping the `results` document in
 //! one findAndModify, then deleting the old blob: readers see the old or the new result.
 
+use std::path::Path;
 use std::time::Duration;
 
-use futures::io::AsyncWriteExt;
+use futures::io::{AsyncReadExt, AsyncWriteExt};
 use futures::TryStreamExt;
 use mongodb::bson::{self, doc, oid::ObjectId, Bson, Document};
 use mongodb::error::{ErrorKind, GridFsErrorKind, WriteFailure};
@@ -20,12 +27,16 @@ use mongodb::gridfs::{GridFsBucket, GridFsDownloadStream};
 use mongodb::options::{ClientOptions, GridFsBucketOptions, IndexOptions, ReturnDocument};
 use mongodb::{Client, Collection, IndexModel};
 
-use super::{check_size, read_chunks, ChunkStream, ResultStore, StoreError, TaskStore};
+use super::{
+    check_size, read_chunks, ChunkStream, ResultStore, SourceStore, StoreError, TaskQueue,
+    TaskStore,
+};
 use crate::tasks::types::{now_ms, ResultMeta, TaskRecord};
 
 /// Bounds server selection and connecting, so a dead server fails calls instead of hanging.
 const TIMEOUT: Duration = Duration::from_secs(5);
 const BUCKET: &str = "results";
+const UPLOADS: &str = "uploads";
 /// 9999-12-31T23:59:59.999Z.
 const MAX_DATE_MS: i64 = 253_402_300_799_999;
 /// MongoDB's duplicate-key error code.
@@ -35,6 +46,7 @@ pub struct MongoStore {
     tasks: Collection<Document>,
     results: Collection<Document>,
     bucket: GridFsBucket,
+    uploads: GridFsBucket,
     /// Keeps a finished task that carries no `expires_at_ms` from living forever.
     task_ttl: Duration,
 }
@@ -84,6 +96,10 @@ impl MongoStore {
                 .build(),
             // Start-up recovery asks for unfinished tasks; without this it scans them all.
             IndexModel::builder().keys(doc! { "state": 1 }).build(),
+            // Claiming takes the oldest claimable task.
+            IndexModel::builder()
+                .keys(doc! { "state": 1, "created_at_ms": 1 })
+                .build(),
         ];
         tasks.create_indexes(indexes).await.map_err(|e| {
             StoreError::Unavailable(format!(
@@ -92,15 +108,18 @@ impl MongoStore {
             ))
         })?;
 
-        let bucket = db.gridfs_bucket(
-            GridFsBucketOptions::builder()
-                .bucket_name(BUCKET.to_owned())
-                .build(),
-        );
+        let bucket = |name: &str| {
+            db.gridfs_bucket(
+                GridFsBucketOptions::builder()
+                    .bucket_name(name.to_owned())
+                    .build(),
+            )
+        };
         Ok(Self {
             tasks,
             results: db.collection("results"),
-            bucket,
+            bucket: bucket(BUCKET),
+            uploads: bucket(UPLOADS),
             task_ttl,
         })
     }
@@ -129,26 +148,21 @@ impl MongoStore {
     async fn open_blob(&self, id: ObjectId) -> Result<Option<GridFsDownloadStream>, StoreError> {
         match self.bucket.open_download_stream(Bson::ObjectId(id)).await {
             Ok(stream) => Ok(Some(stream)),
-            Err(e)
-                if matches!(
-                    *e.kind,
-                    ErrorKind::GridFs(GridFsErrorKind::FileNotFound { .. })
-                ) =>
-            {
-                Ok(None)
-            }
+            Err(e) if is_file_not_found(&e) => Ok(None),
             Err(e) => Err(driver_error("opening a result blob", e)),
         }
     }
 
+    /// The task's fields to `$set`, without its id.
+    fn task_fields(&self, task: &TaskRecord) -> Result<Document, StoreError> {
+        let mut doc = self.task_doc(task)?;
+        doc.remove("_id");
+        Ok(doc)
+    }
+
     async fn delete_blob(&self, id: ObjectId) {
         match self.bucket.delete(Bson::ObjectId(id)).await {
-            Err(e)
-                if !matches!(
-                    *e.kind,
-                    ErrorKind::GridFs(GridFsErrorKind::FileNotFound { .. })
-                ) =>
-            {
+            Err(e) if !is_file_not_found(&e) => {
                 tracing::warn!("cannot delete result blob {id}: {e}");
             }
             _ => {}
@@ -246,6 +260,157 @@ impl TaskStore for MongoStore {
     async fn purge_expired(&self, _now_ms: i64) -> Result<u64, StoreError> {
         // The TTL index on `expires_at` deletes them on the server.
         Ok(0)
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.tasks
+            .find_one(doc! { "_id": "" })
+            .await
+            .map_err(|e| driver_error("ping", e))?;
+        Ok(())
+    }
+}
+
+#[async_trait::async_trait]
+impl TaskQueue for MongoStore {
+    async fn claim(&self, owner: &str, lease: Duration) -> Result<Option<TaskRecord>, StoreError> {
+        let now = now_ms();
+        let claimed = self
+            .tasks
+            .find_one_and_update(
+                doc! {
+                    "state": { "$in": ["PENDING", "STARTED"] },
+                    "$or": [
+                        { "lease_until_ms": Bson::Null },
+                        { "lease_until_ms": { "$lt": now } },
+                    ],
+                },
+                doc! { "$set": { "lease_owner": owner, "lease_until_ms": now + millis(lease) } },
+            )
+            .sort(doc! { "created_at_ms": 1 })
+            .return_document(ReturnDocument::After)
+            .await
+            .map_err(|e| driver_error("claiming a task", e))?;
+        claimed.map(task_from_doc).transpose()
+    }
+
+    async fn renew_lease(
+        &self,
+        id: &str,
+        owner: &str,
+        lease: Duration,
+    ) -> Result<bool, StoreError> {
+        let until = now_ms() + millis(lease);
+        let r = self
+            .tasks
+            .update_one(
+                doc! { "_id": id, "lease_owner": owner },
+                doc! { "$set": { "lease_until_ms": until } },
+            )
+            .await
+            .map_err(|e| driver_error("renewing a task lease", e))?;
+        Ok(r.matched_count == 1)
+    }
+
+    async fn put_leased(&self, task: &TaskRecord, owner: &str) -> Result<bool, StoreError> {
+        let r = self
+            .tasks
+            .update_one(
+                doc! { "_id": task.id.as_str(), "lease_owner": owner },
+                doc! { "$set": self.task_fields(task)? },
+            )
+            .await
+            .map_err(|e| driver_error("saving a task", e))?;
+        Ok(r.matched_count == 1)
+    }
+
+    async fn unlease(&self, task: &TaskRecord, owner: &str) -> Result<bool, StoreError> {
+        let r = self
+            .tasks
+            .update_one(
+                doc! { "_id": task.id.as_str(), "lease_owner": owner },
+                doc! {
+                    "$set": self.task_fields(task)?,
+                    "$unset": { "lease_owner": "", "lease_until_ms": "" },
+                },
+            )
+            .await
+            .map_err(|e| driver_error("returning a task to the queue", e))?;
+        Ok(r.matched_count == 1)
+    }
+
+    async fn waiting(&self) -> Result<u64, StoreError> {
+        self.tasks
+            .count_documents(doc! { "state": "PENDING" })
+            .await
+            .map_err(|e| driver_error("counting queued tasks", e))
+    }
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX / 2)
+}
+
+fn is_file_not_found(e: &mongodb::error::Error) -> bool {
+    matches!(
+        *e.kind,
+        ErrorKind::GridFs(GridFsErrorKind::FileNotFound { .. })
+    )
+}
+
+#[async_trait::async_trait]
+impl SourceStore for MongoStore {
+    async fn put_source(&self, task_id: &str, path: &Path) -> Result<(), StoreError> {
+        let bytes = tokio::fs::read(path).await?;
+        // A retried upload under the same id replaces the earlier one.
+        self.delete_source(task_id).await?;
+        let mut upload = self
+            .uploads
+            .open_upload_stream(task_id)
+            .id(Bson::String(task_id.to_owned()))
+            .await
+            .map_err(|e| driver_error("storing an upload", e))?;
+        let stored = async {
+            upload.write_all(&bytes).await?;
+            upload.close().await
+        }
+        .await;
+        if let Err(e) = stored {
+            let _ = upload.abort().await;
+            return Err(StoreError::Unavailable(format!(
+                "MongoDB, storing the upload of task {task_id}: {e}"
+            )));
+        }
+        let _ = tokio::fs::remove_file(path).await;
+        Ok(())
+    }
+
+    async fn source(&self, task_id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let mut stream = match self
+            .uploads
+            .open_download_stream(Bson::String(task_id.to_owned()))
+            .await
+        {
+            Ok(s) => s,
+            Err(e) if is_file_not_found(&e) => return Ok(None),
+            Err(e) => return Err(driver_error("reading an upload", e)),
+        };
+        let mut bytes = Vec::new();
+        stream.read_to_end(&mut bytes).await.map_err(|e| {
+            StoreError::Unavailable(format!("MongoDB, reading the upload of {task_id}: {e}"))
+        })?;
+        Ok(Some(bytes))
+    }
+
+    async fn delete_source(&self, task_id: &str) -> Result<(), StoreError> {
+        match self
+            .uploads
+            .delete(Bson::String(task_id.to_owned()))
+            .await
+        {
+            Err(e) if !is_file_not_found(&e) => Err(driver_error("deleting an upload", e)),
+            _ => Ok(()),
+        }
     }
 }
 

@@ -1,5 +1,6 @@
-//! Task life outside the workers: recovery at start, lock renewal, watching, expiry of old
-//! records and the release of everything at shutdown.
+//! Task life outside the workers: recovery at start, lock and lease renewal, watching (here
+//! and across instances), backend health, expiry of old records and the release of
+//! everything at shutdown.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -7,19 +8,33 @@ use std::time::Duration;
 
 use futures::stream::BoxStream;
 use futures::StreamExt;
+use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
 use super::types::{now_ms, TaskRecord, TaskState};
-use super::{not_found_task, Error, Inner, Job};
+use super::{not_found_task, Error, Event, Inner, Job, Queue};
 use crate::locks::Acquire;
 
-/// How often a watcher re-reads a task that runs in another process.
+/// How often a watcher re-reads a task that runs in another process, without task events
+/// and with them (then only to catch a lost message).
 const REMOTE_POLL: Duration = Duration::from_millis(500);
+const REMOTE_POLL_WITH_EVENTS: Duration = Duration::from_secs(5);
 const JANITOR_EVERY: Duration = Duration::from_secs(60);
+/// Backend health: how often each is pinged, and how long a ping may take.
+const HEALTH_EVERY: Duration = Duration::from_secs(1);
+const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Requeues the tasks a previous run left PENDING/STARTED whose upload is still on disk;
-/// the others end as FAILURE ("interrupted"). Leftover temp files are removed.
+/// the others end as FAILURE ("interrupted"). Leftover temp files are removed. In shared
+/// mode unfinished tasks need nothing: their leases run out and any instance claims them.
 pub(super) async fn recover(inner: &Arc<Inner>) -> Result<(), Error> {
+    if inner.is_shared() {
+        remove_stray_files(inner, &HashSet::new()).await;
+        return Ok(());
+    }
+    let Queue::Local(queue) = &inner.queue else {
+        return Ok(());
+    };
     let unfinished = inner.tasks.unfinished().await?;
     let keep: HashSet<String> = unfinished.iter().map(|t| format!("{}.src", t.id)).collect();
     remove_stray_files(inner, &keep).await;
@@ -61,8 +76,7 @@ pub(super) async fn recover(inner: &Arc<Inner>) -> Result<(), Error> {
                     file_name = task.file_name,
                     "requeued after restart"
                 );
-                if inner
-                    .queue
+                if queue
                     .send(Job {
                         task_id: task.id.clone(),
                     })
@@ -127,10 +141,138 @@ pub(super) async fn renew_lock(
         {
             Ok(true) => {}
             Ok(false) => {
-                tracing::warn!(task_id, file_name, "lost the file-name lock");
-                return;
+                // Gone (a Redis restart) or taken: take it back if it is free.
+                match inner
+                    .locks
+                    .acquire(&file_name, &task_id, inner.lock_ttl())
+                    .await
+                {
+                    Ok(Acquire::Acquired) => {
+                        tracing::info!(task_id, file_name, "took the vanished file-name lock back")
+                    }
+                    Ok(Acquire::HeldBy(holder)) if holder == task_id => {}
+                    Ok(Acquire::HeldBy(holder)) => {
+                        tracing::warn!(task_id, file_name, holder, "lost the file-name lock");
+                        return;
+                    }
+                    Err(e) => tracing::warn!(task_id, error = %e, "cannot renew the file-name lock"),
+                }
             }
             Err(e) => tracing::warn!(task_id, error = %e, "cannot renew the file-name lock"),
+        }
+    }
+}
+
+/// Shared mode: keeps the lease of a task this instance runs until `stop` is cancelled, and
+/// cancels `stop` if the lease is lost (another instance then runs the task).
+pub(super) async fn keep_lease(
+    inner: Arc<Inner>,
+    task_id: String,
+    owner: String,
+    stop: CancellationToken,
+) {
+    let Queue::Shared { store, .. } = &inner.queue else {
+        return;
+    };
+    let every = inner.lock_ttl() / 3;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        match store.renew_lease(&task_id, &owner, inner.lock_ttl()).await {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::warn!(task_id, "lost the task lease");
+                stop.cancel();
+                return;
+            }
+            // Keep working: if the lease really runs out, the next renewal says so.
+            Err(e) => tracing::warn!(task_id, error = %e, "cannot renew the task lease"),
+        }
+    }
+}
+
+/// Shared mode: keeps the file-name lock of a task queued here while it waits, until some
+/// worker (which renews it from then on) starts it.
+pub(super) async fn keep_queued_lock(inner: Arc<Inner>, file_name: String, task_id: String) {
+    let every = inner.lock_ttl() / 3;
+    loop {
+        tokio::select! {
+            _ = inner.shutdown.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        match inner.tasks.get(&task_id).await {
+            Ok(Some(t)) if t.state == TaskState::Pending => {}
+            Ok(_) => return,
+            Err(e) => {
+                tracing::debug!(task_id, error = %e, "cannot check a queued task");
+                continue;
+            }
+        }
+        if let Err(e) = inner
+            .locks
+            .renew(&file_name, &task_id, inner.lock_ttl())
+            .await
+        {
+            tracing::debug!(task_id, error = %e, "cannot renew a queued task's lock");
+        }
+    }
+}
+
+/// Pings every backend now and then and publishes whether all answer.
+pub(super) async fn monitor_backends(inner: Arc<Inner>) {
+    loop {
+        let store = tokio::time::timeout(HEALTH_TIMEOUT, inner.tasks.ping()).await;
+        let locks = tokio::time::timeout(HEALTH_TIMEOUT, inner.locks.ping()).await;
+        let problem = match (store, locks) {
+            (Ok(Ok(())), Ok(Ok(()))) => None,
+            (Err(_), _) => Some("the task store does not answer".to_string()),
+            (Ok(Err(e)), _) => Some(e.to_string()),
+            (_, Err(_)) => Some("the lock server does not answer".to_string()),
+            (_, Ok(Err(e))) => Some(e.to_string()),
+        };
+        let up = problem.is_none();
+        if up != *inner.backends_up.borrow() {
+            match &problem {
+                Some(p) => tracing::error!(problem = p, "a backend is down: refusing calls"),
+                None => tracing::info!("backends reachable again"),
+            }
+            inner.backends_up.send_replace(up);
+            if up {
+                inner.wake_workers().await;
+            }
+        }
+        tokio::select! {
+            _ = inner.shutdown.cancelled() => return,
+            _ = tokio::time::sleep(HEALTH_EVERY) => {}
+        }
+    }
+}
+
+/// Feeds other instances' task events to watchers here, and their wake-ups to our workers.
+pub(super) async fn dispatch_events(inner: Arc<Inner>, mut events: broadcast::Receiver<Event>) {
+    loop {
+        let event = tokio::select! {
+            _ = inner.shutdown.cancelled() => return,
+            e = events.recv() => e,
+        };
+        match event {
+            Ok(Event::Wake) => {
+                if let Queue::Shared { wake, .. } = &inner.queue {
+                    wake.notify_waiters();
+                }
+            }
+            Ok(Event::Task(task)) => {
+                let mut followed = inner.followed.lock().expect("poisoned");
+                if let Some(tx) = followed.get(&task.id) {
+                    if tx.send(*task.clone()).is_err() {
+                        followed.remove(&task.id);
+                    }
+                }
+            }
+            Err(broadcast::error::RecvError::Lagged(_)) => {}
+            Err(broadcast::error::RecvError::Closed) => return,
         }
     }
 }
@@ -189,26 +331,81 @@ pub(super) async fn watch(
         .get(task_id)
         .await?
         .ok_or_else(|| not_found_task(task_id))?;
+    // Runs in another process (or waits for one): follow its events, and re-read the store
+    // now and then in case one was lost.
+    let mut rx = follow(&inner, &first);
+    let poll = if inner.events.is_some() {
+        REMOTE_POLL_WITH_EVENTS
+    } else {
+        REMOTE_POLL
+    };
     Ok(async_stream::stream! {
-        // Runs in another process (or waits for one): follow the store.
+        let _following = Following { inner: inner.clone(), id: id.clone() };
         let mut last = first;
         yield last.clone();
+        let mut heard = false;
         while !last.state.is_terminal() {
-            tokio::select! {
+            let next = tokio::select! {
                 _ = inner.shutdown.cancelled() => break,
-                _ = tokio::time::sleep(REMOTE_POLL) => {}
-            }
-            match inner.tasks.get(&id).await {
-                Ok(Some(t)) if t != last => {
-                    last = t;
-                    yield last.clone();
+                changed = rx.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    heard = true;
+                    rx.borrow_and_update().clone()
                 }
-                Ok(Some(_)) => {}
-                _ => break,
+                _ = tokio::time::sleep(poll) => {
+                    match inner.tasks.get(&id).await {
+                        // The store lags behind events: trust it only for the end, or when
+                        // no event came since the last look.
+                        Ok(Some(t)) if t.state.is_terminal() || !heard => t,
+                        Ok(Some(_)) => {
+                            heard = false;
+                            continue;
+                        }
+                        Ok(None) => break,
+                        Err(_) => continue,
+                    }
+                }
+            };
+            if next != last {
+                last = next;
+                yield last.clone();
             }
         }
     }
     .boxed())
+}
+
+/// Registers interest in a task that runs elsewhere; events for it then reach the receiver.
+fn follow(
+    inner: &Arc<Inner>,
+    first: &TaskRecord,
+) -> tokio::sync::watch::Receiver<TaskRecord> {
+    let mut followed = inner.followed.lock().expect("poisoned");
+    followed
+        .entry(first.id.clone())
+        .or_insert_with(|| tokio::sync::watch::Sender::new(first.clone()))
+        .subscribe()
+}
+
+/// Drops the task's entry when its last watcher here goes.
+struct Following {
+    inner: Arc<Inner>,
+    id: String,
+}
+
+impl Drop for Following {
+    fn drop(&mut self) {
+        let mut followed = self.inner.followed.lock().expect("poisoned");
+        // Our own receiver is still alive while this runs.
+        if followed
+            .get(&self.id)
+            .is_some_and(|tx| tx.receiver_count() <= 1)
+        {
+            followed.remove(&self.id);
+        }
+    }
 }
 
 /// At shutdown: forget every task still live here and free its file name. Their records
@@ -223,6 +420,10 @@ pub(super) async fn release_all(inner: &Arc<Inner>) {
         .collect();
     for (id, file_name) in live {
         inner.retire(&id);
+        if inner.is_shared() {
+            // The task goes on elsewhere under the same lock token.
+            continue;
+        }
         if let Err(e) = inner.locks.release(&file_name, &id).await {
             tracing::warn!(task_id = id, error = %e, "cannot release the lock at shutdown; it will expire");
         }

@@ -1,6 +1,11 @@
 //! The service core: upload validation, deduplication by file name, locks, the task
 //! lifecycle, the worker pool, restart recovery and shutdown.
 //!
+//! Two queue modes. Alone (no MongoDB), tasks wait in an in-process channel and their
+//! sources in the temp dir. With a `TaskQueue` (MongoDB), the task records are the queue,
+//! shared by every instance: workers claim tasks under a lease, sources live in the shared
+//! store, and task events travel between instances over Redis pub/sub.
+//!
 //! Owns the rules ("a name being processed means wait, a name processed from the same bytes
 //! means fetch"); the backends behind `store` and `locks` own durability. Knows nothing of
 //! gRPC: `api` converts to and from these types.
@@ -19,13 +24,16 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::stream::BoxStream;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
+use crate::events::{Event, RedisEvents};
 use crate::locks::{LockError, LockManager};
 use crate::pipeline::{AlphaMode, EnhanceOptions, TileSize};
-use crate::store::{ChunkStream, ResultStore, StoreError, TaskStore};
+use crate::store::{
+    ChunkStream, LocalSources, ResultStore, SourceStore, StoreError, TaskQueue, TaskStore,
+};
 pub use models::ModelCache;
 use types::{ResultFormat, ResultMeta, TaskRecord};
 
@@ -102,6 +110,60 @@ struct Job {
     task_id: String,
 }
 
+/// Where queued tasks wait.
+enum Queue {
+    /// This process only.
+    Local(mpsc::Sender<Job>),
+    /// The shared store; `wake` tells idle workers that a task may be waiting.
+    Shared {
+        store: Arc<dyn TaskQueue>,
+        wake: Notify,
+    },
+}
+
+/// The backends a service runs on. `queue` set means shared mode (several instances).
+pub struct Backends {
+    pub tasks: Arc<dyn TaskStore>,
+    pub results: Arc<dyn ResultStore>,
+    pub locks: Arc<dyn LockManager>,
+    pub sources: Arc<dyn SourceStore>,
+    pub queue: Option<Arc<dyn TaskQueue>>,
+    pub events: Option<Arc<RedisEvents>>,
+    /// This instance's name in leases and events.
+    pub instance: String,
+}
+
+impl Backends {
+    /// One instance on its own: in-process queue, sources in the temp dir.
+    pub fn single(
+        settings: &Settings,
+        tasks: Arc<dyn TaskStore>,
+        results: Arc<dyn ResultStore>,
+        locks: Arc<dyn LockManager>,
+    ) -> Self {
+        Self {
+            tasks,
+            results,
+            locks,
+            sources: Arc::new(LocalSources::new(settings.temp_dir.clone())),
+            queue: None,
+            events: None,
+            instance: new_instance_id(),
+        }
+    }
+}
+
+/// A short random name for this process, for leases and logs.
+pub fn new_instance_id() -> String {
+    let host = std::env::var("HOSTNAME").unwrap_or_default();
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    if host.is_empty() {
+        id[..12].to_string()
+    } else {
+        format!("{host}-{}", &id[..8])
+    }
+}
+
 /// Per-task state held only while the task lives in this process.
 struct Live {
     updates: watch::Sender<TaskRecord>,
@@ -114,9 +176,17 @@ pub(crate) struct Inner {
     tasks: Arc<dyn TaskStore>,
     results: Arc<dyn ResultStore>,
     locks: Arc<dyn LockManager>,
+    sources: Arc<dyn SourceStore>,
+    events: Option<Arc<RedisEvents>>,
+    instance: String,
     models: ModelCache,
-    queue: mpsc::Sender<Job>,
+    queue: Queue,
+    /// Tasks queued or running in this process.
     live: Mutex<HashMap<String, Live>>,
+    /// Tasks running elsewhere that someone here watches, fed by task events.
+    followed: Mutex<HashMap<String, watch::Sender<TaskRecord>>>,
+    /// False while a backend does not answer: calls then fail at once.
+    backends_up: watch::Sender<bool>,
     accepting: AtomicBool,
     shutdown: CancellationToken,
 }
@@ -138,6 +208,12 @@ impl TaskService {
         results: Arc<dyn ResultStore>,
         locks: Arc<dyn LockManager>,
     ) -> Result<Self, Error> {
+        let backends = Backends::single(&settings, tasks, results, locks);
+        Self::start_with(settings, backends).await
+    }
+
+    /// `start` on any backends, shared mode included.
+    pub async fn start_with(settings: Settings, backends: Backends) -> Result<Self, Error> {
         tokio::fs::create_dir_all(&settings.temp_dir)
             .await
             .map_err(|e| Error::Internal(format!("cannot create TEMP_DIR: {e}")))?;
@@ -146,19 +222,40 @@ impl TaskService {
             .get(&settings.default_model)
             .await
             .map_err(|e| Error::Internal(format!("cannot load the default model: {e}")))?;
-        let (queue, rx) = mpsc::channel(settings.queue_capacity);
+        let (queue, rx) = match backends.queue {
+            Some(store) => (
+                Queue::Shared {
+                    store,
+                    wake: Notify::new(),
+                },
+                None,
+            ),
+            None => {
+                let (tx, rx) = mpsc::channel(settings.queue_capacity);
+                (Queue::Local(tx), Some(Arc::new(tokio::sync::Mutex::new(rx))))
+            }
+        };
         let inner = Arc::new(Inner {
             settings,
-            tasks,
-            results,
-            locks,
+            tasks: backends.tasks,
+            results: backends.results,
+            locks: backends.locks,
+            sources: backends.sources,
+            events: backends.events,
+            instance: backends.instance,
             models,
             queue,
             live: Mutex::default(),
+            followed: Mutex::default(),
+            backends_up: watch::Sender::new(true),
             accepting: AtomicBool::new(true),
             shutdown: CancellationToken::new(),
         });
-        let rx = Arc::new(tokio::sync::Mutex::new(rx));
+        tracing::info!(
+            instance = inner.instance,
+            shared_queue = inner.is_shared(),
+            "task service starting"
+        );
         let handles = (0..inner.settings.workers)
             .map(|i| tokio::spawn(worker::run(inner.clone(), rx.clone(), i)))
             .collect();
@@ -168,6 +265,13 @@ impl TaskService {
         };
         lifecycle::recover(&service.inner).await?;
         tokio::spawn(lifecycle::janitor(service.inner.clone()));
+        tokio::spawn(lifecycle::monitor_backends(service.inner.clone()));
+        if let Some(events) = &service.inner.events {
+            tokio::spawn(lifecycle::dispatch_events(
+                service.inner.clone(),
+                events.subscribe(),
+            ));
+        }
         Ok(service)
     }
 
@@ -177,10 +281,12 @@ impl TaskService {
         meta: UploadMeta,
         chunks: BoxStream<'_, Result<Vec<u8>, Error>>,
     ) -> Result<UploadOutcome, Error> {
+        self.inner.check_backends()?;
         upload::accept(&self.inner, meta, chunks).await
     }
 
     pub async fn get(&self, task_id: &str) -> Result<TaskRecord, Error> {
+        self.inner.check_backends()?;
         match self.inner.live_state(task_id) {
             Some(t) => Ok(t),
             None => self
@@ -195,10 +301,12 @@ impl TaskService {
     /// The task's current state, then each change, ending after a terminal state (or when
     /// the server shuts down). A slow reader skips to the latest state.
     pub async fn watch(&self, task_id: &str) -> Result<BoxStream<'static, TaskRecord>, Error> {
+        self.inner.check_backends()?;
         lifecycle::watch(&self.inner, task_id).await
     }
 
     pub async fn fetch(&self, file_name: &str) -> Result<(ResultMeta, ChunkStream), Error> {
+        self.inner.check_backends()?;
         self.inner
             .results
             .open(file_name)
@@ -225,6 +333,11 @@ impl TaskService {
     /// The lock backend (exposed for operational tools and tests).
     pub fn locks(&self) -> Arc<dyn LockManager> {
         self.inner.locks.clone()
+    }
+
+    /// True while every backend answers; changes as they go down and come back.
+    pub fn backends_up(&self) -> watch::Receiver<bool> {
+        self.inner.backends_up.subscribe()
     }
 }
 
@@ -262,24 +375,63 @@ impl Inner {
         self.settings.lock_ttl()
     }
 
-    /// Shows a new state to watchers in this process.
-    fn publish(&self, task: &TaskRecord) {
-        if let Some(live) = self.live.lock().expect("poisoned").get(&task.id) {
-            live.updates.send_replace(task.clone());
+    fn is_shared(&self) -> bool {
+        matches!(self.queue, Queue::Shared { .. })
+    }
+
+    fn check_backends(&self) -> Result<(), Error> {
+        if *self.backends_up.borrow() {
+            Ok(())
+        } else {
+            Err(Error::Unavailable(
+                "a storage or lock backend is unreachable; retry shortly".into(),
+            ))
         }
     }
 
-    /// Publishes a new state and persists it.
-    async fn save(&self, task: &TaskRecord) -> Result<(), Error> {
-        self.publish(task);
-        self.tasks.put(task).await?;
-        Ok(())
+    /// Shows a new state to watchers in this process and, in shared mode, in the others.
+    async fn publish(&self, task: &TaskRecord) {
+        if let Some(live) = self.live.lock().expect("poisoned").get(&task.id) {
+            live.updates.send_replace(task.clone());
+        }
+        if let Some(events) = &self.events {
+            events.task(task).await;
+        }
     }
 
-    /// Publishes how many tasks wait in the queue.
+    /// Publishes a new state and persists it. In shared mode only while `owner` (Some there)
+    /// holds the task's lease: `Ok(false)` means another instance took the task over.
+    async fn save(&self, task: &TaskRecord, owner: Option<&str>) -> Result<bool, Error> {
+        let saved = match (&self.queue, owner) {
+            (Queue::Shared { store, .. }, Some(owner)) => store.put_leased(task, owner).await?,
+            _ => {
+                self.tasks.put(task).await?;
+                true
+            }
+        };
+        if saved {
+            self.publish(task).await;
+        }
+        Ok(saved)
+    }
+
+    /// Publishes how many tasks wait in this process's queue (the shared queue's depth is
+    /// counted at upload).
     fn note_queue_depth(&self) {
-        let depth = self.queue.max_capacity() - self.queue.capacity();
-        metrics::gauge!(crate::metrics::QUEUE_DEPTH).set(depth as f64);
+        if let Queue::Local(queue) = &self.queue {
+            let depth = queue.max_capacity() - queue.capacity();
+            metrics::gauge!(crate::metrics::QUEUE_DEPTH).set(depth as f64);
+        }
+    }
+
+    /// Tells idle workers, here and elsewhere, that a task waits.
+    async fn wake_workers(&self) {
+        if let Queue::Shared { wake, .. } = &self.queue {
+            wake.notify_waiters();
+        }
+        if let Some(events) = &self.events {
+            events.wake().await;
+        }
     }
 
     /// The state of a task this process is running, if it is.
@@ -312,17 +464,24 @@ impl Inner {
     }
 
     /// Registers a task as live here and starts renewing its lock.
+    /// A task already live here (queued here, now running) keeps its watchers and renewal.
     fn go_live(self: &Arc<Self>, task: &TaskRecord) {
-        let (updates, _) = watch::channel(task.clone());
         let lease = self.shutdown.child_token();
-        let live = Live {
-            updates,
-            lease: lease.clone(),
-        };
-        self.live
-            .lock()
-            .expect("poisoned")
-            .insert(task.id.clone(), live);
+        {
+            let mut live = self.live.lock().expect("poisoned");
+            if let Some(existing) = live.get(&task.id) {
+                existing.updates.send_replace(task.clone());
+                return;
+            }
+            let (updates, _) = watch::channel(task.clone());
+            live.insert(
+                task.id.clone(),
+                Live {
+                    updates,
+                    lease: lease.clone(),
+                },
+            );
+        }
         tokio::spawn(lifecycle::renew_lock(
             self.clone(),
             task.file_name.clone(),

@@ -15,7 +15,7 @@ use tokio::io::AsyncWriteExt;
 
 use super::names::{self, Declared};
 use super::types::{hex, now_ms, JobOptions, ResultFormat, TaskRecord, TaskState};
-use super::{Error, Inner, Job, OutcomeKind, UploadMeta, UploadOutcome};
+use super::{lifecycle, Error, Inner, Job, OutcomeKind, Queue, UploadMeta, UploadOutcome};
 use crate::imaging::{self, ImagingError};
 use crate::locks::Acquire;
 use crate::model;
@@ -260,10 +260,17 @@ async fn admit(
     let enhance = inner.enhance_options(options.tile, options.outscale)?;
     let (w, h) = (received.width as usize, received.height as usize);
     let passes = crate::pipeline::planned_passes(&spec.arch, &enhance, w, h, received.has_alpha);
-    let source = inner.source_path(task_id);
-    tokio::fs::rename(received.file.path(), &source)
-        .await
-        .map_err(|e| Error::Internal(format!("cannot move the upload into place: {e}")))?;
+    if let Queue::Shared { store, .. } = &inner.queue {
+        let waiting = store.waiting().await?;
+        if waiting >= inner.settings.queue_capacity as u64 {
+            return Err(Error::QueueFull(waiting as usize));
+        }
+        metrics::gauge!(crate::metrics::QUEUE_DEPTH).set(waiting as f64);
+    }
+    inner
+        .sources
+        .put_source(task_id, received.file.path())
+        .await?;
     received.file.keep();
     let task = TaskRecord {
         id: task_id.to_string(),
@@ -284,21 +291,32 @@ async fn admit(
         expires_at_ms: None,
     };
     inner.tasks.insert(&task).await?;
-    inner.go_live(&task);
-    inner
-        .queue
-        .try_send(Job {
-            task_id: task_id.to_string(),
-        })
-        .map_err(|e| match e {
-            tokio::sync::mpsc::error::TrySendError::Full(_) => {
-                Error::QueueFull(inner.settings.queue_capacity)
-            }
-            tokio::sync::mpsc::error::TrySendError::Closed(_) => {
-                Error::Unavailable("the server is shutting down".into())
-            }
-        })?;
-    inner.note_queue_depth();
+    match &inner.queue {
+        Queue::Local(queue) => {
+            inner.go_live(&task);
+            queue
+                .try_send(Job {
+                    task_id: task_id.to_string(),
+                })
+                .map_err(|e| match e {
+                    tokio::sync::mpsc::error::TrySendError::Full(_) => {
+                        Error::QueueFull(inner.settings.queue_capacity)
+                    }
+                    tokio::sync::mpsc::error::TrySendError::Closed(_) => {
+                        Error::Unavailable("the server is shutting down".into())
+                    }
+                })?;
+            inner.note_queue_depth();
+        }
+        Queue::Shared { .. } => {
+            tokio::spawn(lifecycle::keep_queued_lock(
+                inner.clone(),
+                meta.file_name.clone(),
+                task_id.to_string(),
+            ));
+            inner.wake_workers().await;
+        }
+    }
     tracing::info!(
         task_id,
         file_name = meta.file_name,
@@ -314,7 +332,9 @@ async fn abandon(inner: &Arc<Inner>, file_name: &str, task_id: &str) {
     if let Err(e) = inner.tasks.delete(task_id).await {
         tracing::warn!(task_id, error = %e, "cannot delete the record of a refused upload");
     }
-    let _ = tokio::fs::remove_file(inner.source_path(task_id)).await;
+    if let Err(e) = inner.sources.delete_source(task_id).await {
+        tracing::warn!(task_id, error = %e, "cannot delete the source of a refused upload");
+    }
     if let Err(e) = inner.locks.release(file_name, task_id).await {
         tracing::warn!(task_id, error = %e, "cannot release the lock of a refused upload");
     }

@@ -8,10 +8,13 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, Mutex};
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::types::{hex, now_ms, ResultMeta, TaskRecord, TaskState};
-use super::{Inner, Job};
+use super::{lifecycle, Inner, Job, Queue};
+use crate::locks::Acquire;
+use crate::store::StoreError;
 use crate::imaging;
 use crate::model::{ModelError, Progress};
 use crate::pipeline::{self, PipelineError};
@@ -21,55 +24,167 @@ const PERSIST_EVERY: Duration = Duration::from_millis(500);
 
 enum Outcome {
     Done(ResultMeta, Vec<u8>),
+    /// Stopped by shutdown, or by the loss of the lease (`cancel` tells which).
     Interrupted,
+    /// A backend failed before the work began: try again later.
+    Requeue(String),
     Failed(String),
 }
 
-pub(super) async fn run(inner: Arc<Inner>, queue: Arc<Mutex<mpsc::Receiver<Job>>>, worker: usize) {
+/// A task a worker holds: in shared mode under `owner`'s lease.
+struct Claimed {
+    task: TaskRecord,
+    owner: Option<String>,
+}
+
+/// How long an idle worker of the shared queue waits before looking again by itself (a
+/// wake-up from an upload anywhere comes sooner), and after a backend error.
+const CLAIM_POLL: Duration = Duration::from_secs(1);
+
+pub(super) async fn run(
+    inner: Arc<Inner>,
+    local: Option<Arc<Mutex<mpsc::Receiver<Job>>>>,
+    worker: usize,
+) {
+    let owner = format!("{}/{worker}", inner.instance);
     loop {
-        let job = tokio::select! {
-            _ = inner.shutdown.cancelled() => break,
-            job = async { queue.lock().await.recv().await } => match job {
-                Some(job) => job,
-                None => break,
-            },
+        let next = match &local {
+            Some(queue) => next_local(&inner, queue).await,
+            None => next_shared(&inner, &owner).await,
         };
+        let Some(claimed) = next else { break };
         inner.note_queue_depth();
         let span = tracing::info_span!(
             "task",
             worker,
-            task_id = %job.task_id,
-            file_name = tracing::field::Empty
+            task_id = %claimed.task.id,
+            file_name = %claimed.task.file_name,
         );
-        run_job(&inner, job).instrument(span).await;
+        run_job(&inner, claimed).instrument(span).await;
     }
 }
 
-async fn run_job(inner: &Arc<Inner>, job: Job) {
-    let task = match inner.current(&job.task_id).await {
-        Some(t) if !t.state.is_terminal() => t,
-        _ => return,
+async fn next_local(inner: &Arc<Inner>, queue: &Mutex<mpsc::Receiver<Job>>) -> Option<Claimed> {
+    loop {
+        let job = tokio::select! {
+            _ = inner.shutdown.cancelled() => return None,
+            job = async { queue.lock().await.recv().await } => job?,
+        };
+        if let Some(task) = inner.current(&job.task_id).await {
+            if !task.state.is_terminal() {
+                return Some(Claimed { task, owner: None });
+            }
+        }
+    }
+}
+
+/// Claims the next task from the shared queue and takes its file-name lock (same token as the
+/// uploader's, so a lock left by a dead instance is simply taken over).
+async fn next_shared(inner: &Arc<Inner>, owner: &str) -> Option<Claimed> {
+    let Queue::Shared { store, wake } = &inner.queue else {
+        return None;
     };
-    tracing::Span::current().record("file_name", task.file_name.as_str());
-    tracing::info!(model = task.options.model, "task started");
+    loop {
+        if inner.shutdown.is_cancelled() {
+            return None;
+        }
+        // Register for wake-ups before looking, so one sent in between is not missed.
+        let woken = wake.notified();
+        let claimed = if *inner.backends_up.borrow() {
+            store.claim(owner, inner.lock_ttl()).await
+        } else {
+            Ok(None)
+        };
+        match claimed {
+            Ok(Some(task)) if task.state.is_terminal() => continue,
+            Ok(Some(task)) => {
+                let claimed = Claimed {
+                    task,
+                    owner: Some(owner.to_owned()),
+                };
+                match inner
+                    .locks
+                    .acquire(&claimed.task.file_name, &claimed.task.id, inner.lock_ttl())
+                    .await
+                {
+                    Ok(Acquire::Acquired) => return Some(claimed),
+                    Ok(Acquire::HeldBy(holder)) if holder == claimed.task.id => {
+                        return Some(claimed)
+                    }
+                    Ok(Acquire::HeldBy(other)) => {
+                        let msg = format!("interrupted: file name taken over by task {other}");
+                        finish(inner, &claimed, claimed.task.clone(), Err(msg)).await;
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::warn!(task_id = claimed.task.id, error = %e, "cannot lock a claimed task; giving it back");
+                        give_back(inner, &claimed, &claimed.task).await;
+                    }
+                }
+            }
+            Ok(None) => {
+                metrics::gauge!(crate::metrics::QUEUE_DEPTH).set(0.0);
+                tokio::select! {
+                    _ = inner.shutdown.cancelled() => return None,
+                    _ = woken => {}
+                    _ = tokio::time::sleep(CLAIM_POLL) => {}
+                }
+                continue;
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot claim from the task queue"),
+        }
+        tokio::select! {
+            _ = inner.shutdown.cancelled() => return None,
+            _ = tokio::time::sleep(CLAIM_POLL) => {}
+        }
+    }
+}
+
+async fn run_job(inner: &Arc<Inner>, claimed: Claimed) {
+    let owner = claimed.owner.as_deref();
+    let started_before = claimed.task.state == TaskState::Started;
+    tracing::info!(
+        model = claimed.task.options.model,
+        instance = inner.instance,
+        takeover = started_before,
+        "task started"
+    );
     let mut task = TaskRecord {
         state: TaskState::Started,
         started_at_ms: Some(now_ms()),
         tiles_done: 0,
-        ..task
+        ..claimed.task.clone()
     };
-    if let Err(e) = inner.save(&task).await {
-        tracing::warn!(error = %e, "cannot record the task start");
+    inner.go_live(&task);
+    // In shared mode the lease must outlive the work; losing it stops the work.
+    let cancel = inner.shutdown.child_token();
+    if let Some(owner) = owner {
+        tokio::spawn(lifecycle::keep_lease(
+            inner.clone(),
+            task.id.clone(),
+            owner.to_owned(),
+            cancel.clone(),
+        ));
+    }
+    match inner.save(&task, owner).await {
+        Ok(true) => {}
+        Ok(false) => {
+            tracing::warn!("lost the task before it started");
+            cancel.cancel();
+            inner.retire(&task.id);
+            return;
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot record the task start"),
     }
     let started = Instant::now();
     let running = metrics::gauge!(crate::metrics::RUNNING_TASKS);
     running.increment(1.0);
-    let outcome = execute(inner, &mut task).await;
+    let outcome = execute(inner, &mut task, &claimed.owner, &cancel).await;
     running.decrement(1.0);
     let state = match &outcome {
         Outcome::Done(..) => "SUCCESS",
         Outcome::Failed(_) => "FAILURE",
-        Outcome::Interrupted => "INTERRUPTED",
+        Outcome::Interrupted | Outcome::Requeue(_) => "INTERRUPTED",
     };
     metrics::histogram!(
         crate::metrics::TASK_SECONDS,
@@ -81,7 +196,20 @@ async fn run_job(inner: &Arc<Inner>, job: Job) {
         Outcome::Done(meta, bytes) => {
             if let Err(e) = inner.results.put(&meta, bytes).await {
                 tracing::error!(error = %e, "cannot store the result");
-                return finish(inner, task, Err("the result could not be stored".into())).await;
+                if owner.is_some() && matches!(e, StoreError::Unavailable(_)) {
+                    // Leave it leased: when the lease runs out, it runs again somewhere.
+                    cancel.cancel();
+                    inner.retire(&task.id);
+                    return;
+                }
+                cancel.cancel();
+                return finish(
+                    inner,
+                    &claimed,
+                    task,
+                    Err("the result could not be stored".into()),
+                )
+                .await;
             }
             task.output_width = meta.width;
             task.output_height = meta.height;
@@ -91,28 +219,77 @@ async fn run_job(inner: &Arc<Inner>, job: Job) {
                 bytes = meta.size,
                 "task succeeded"
             );
-            finish(inner, task, Ok(())).await;
+            cancel.cancel();
+            finish(inner, &claimed, task, Ok(())).await;
         }
         Outcome::Failed(msg) => {
             tracing::warn!(error = msg, "task failed");
-            finish(inner, task, Err(msg)).await;
+            cancel.cancel();
+            finish(inner, &claimed, task, Err(msg)).await;
+        }
+        Outcome::Requeue(msg) => {
+            tracing::warn!(error = msg, "cannot run the task now; back to the queue");
+            cancel.cancel();
+            reset(&mut task);
+            give_back(inner, &claimed, &task).await;
+            inner.retire(&task.id);
+        }
+        Outcome::Interrupted if !inner.shutdown.is_cancelled() => {
+            // The lease went to another instance, which runs the task from the start.
+            tracing::warn!("lost the task's lease to another instance; dropping it here");
+            inner.retire(&task.id);
         }
         Outcome::Interrupted => {
-            // Keep the source: the next start runs the task again.
             tracing::info!("task interrupted by shutdown; back to PENDING");
-            task.state = TaskState::Pending;
-            task.started_at_ms = None;
-            task.tiles_done = 0;
-            if let Err(e) = inner.save(&task).await {
-                tracing::warn!(error = %e, "cannot record the interruption");
+            reset(&mut task);
+            if owner.is_some() {
+                // Another instance may take it now; the file-name lock stays with the task
+                // (its token is the task id) until that instance renews it.
+                give_back(inner, &claimed, &task).await;
+                inner.retire(&task.id);
+            } else {
+                // Keep the source: the next start runs the task again.
+                if let Err(e) = inner.save(&task, None).await {
+                    tracing::warn!(error = %e, "cannot record the interruption");
+                }
+                inner.release(&task).await;
             }
-            inner.release(&task).await;
         }
     }
 }
 
+fn reset(task: &mut TaskRecord) {
+    task.state = TaskState::Pending;
+    task.started_at_ms = None;
+    task.tiles_done = 0;
+}
+
+/// Shared mode: returns the task to the queue for any instance to claim.
+async fn give_back(inner: &Arc<Inner>, claimed: &Claimed, task: &TaskRecord) {
+    let (Queue::Shared { store, .. }, Some(owner)) = (&inner.queue, &claimed.owner) else {
+        return;
+    };
+    match store.unlease(task, owner).await {
+        Ok(_) => {
+            inner.publish(task).await;
+            inner.wake_workers().await;
+        }
+        // The lease runs out by itself and the task is claimed again then.
+        Err(e) => tracing::warn!(error = %e, "cannot give the task back; its lease will expire"),
+    }
+}
+
+/// How often, and how long, recording the end of a task is retried while a backend is down.
+const FINISH_RETRY: Duration = Duration::from_millis(500);
+const FINISH_ATTEMPTS: u32 = 60;
+
 /// Ends a task: records the terminal state, then frees the name and the source.
-async fn finish(inner: &Arc<Inner>, mut task: TaskRecord, result: Result<(), String>) {
+async fn finish(
+    inner: &Arc<Inner>,
+    claimed: &Claimed,
+    mut task: TaskRecord,
+    result: Result<(), String>,
+) {
     let now = now_ms();
     task.finished_at_ms = Some(now);
     task.expires_at_ms = Some(now + inner.settings.task_ttl().as_millis() as i64);
@@ -123,15 +300,47 @@ async fn finish(inner: &Arc<Inner>, mut task: TaskRecord, result: Result<(), Str
             task.error = Some(msg);
         }
     }
-    if let Err(e) = inner.save(&task).await {
-        tracing::error!(error = %e, "cannot record the end of the task");
+    let owner = claimed.owner.as_deref();
+    let mut attempt = 0;
+    loop {
+        match inner.save(&task, owner).await {
+            Ok(true) => break,
+            Ok(false) => {
+                tracing::warn!("another instance took the task over; not recording its end");
+                inner.retire(&task.id);
+                return;
+            }
+            Err(e) if attempt + 1 < FINISH_ATTEMPTS && !inner.shutdown.is_cancelled() => {
+                if attempt == 0 {
+                    tracing::warn!(error = %e, "cannot record the end of the task; retrying");
+                }
+                attempt += 1;
+                tokio::time::sleep(FINISH_RETRY).await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot record the end of the task");
+                if owner.is_some() {
+                    // Unrecorded: the lease runs out and the task runs again.
+                    inner.retire(&task.id);
+                    return;
+                }
+                break;
+            }
+        }
     }
     inner.release(&task).await;
-    let _ = tokio::fs::remove_file(inner.source_path(&task.id)).await;
+    if let Err(e) = inner.sources.delete_source(&task.id).await {
+        tracing::warn!(error = %e, "cannot delete the task's source");
+    }
 }
 
 /// Runs the model on a blocking thread, forwarding tile progress to watchers and the store.
-async fn execute(inner: &Arc<Inner>, task: &mut TaskRecord) -> Outcome {
+async fn execute(
+    inner: &Arc<Inner>,
+    task: &mut TaskRecord,
+    owner: &Option<String>,
+    cancel: &CancellationToken,
+) -> Outcome {
     let model = match inner.models.get(&task.options.model).await {
         Ok(m) => m,
         Err(e) => {
@@ -146,19 +355,26 @@ async fn execute(inner: &Arc<Inner>, task: &mut TaskRecord) -> Outcome {
         Ok(o) => o,
         Err(e) => return Outcome::Failed(e.to_string()),
     };
-    let source = inner.source_path(&task.id);
+    let bytes = match inner.sources.source(&task.id).await {
+        Ok(Some(bytes)) => bytes,
+        Ok(None) => {
+            return Outcome::Failed(
+                "interrupted: the upload is gone; upload it again".to_string(),
+            )
+        }
+        Err(StoreError::Unavailable(e)) => return Outcome::Requeue(e),
+        Err(e) => return Outcome::Failed(format!("source unreadable: {e}")),
+    };
     let format = task.options.format.output();
-    let cancel = inner.shutdown.clone();
+    let stop = cancel.clone();
     let (tx, mut rx) = mpsc::unbounded_channel::<Progress>();
     let blocking = tokio::task::spawn_blocking(move || {
-        let bytes = std::fs::read(&source)
-            .map_err(|e| PipelineError::InvalidOption(format!("source unreadable: {e}")))?;
         let img = imaging::decode(&bytes, opts.max_pixels)?;
         drop(bytes);
         let out = pipeline::enhance(&model, &img, &opts, &mut |p| {
             // A closed channel only means nobody listens any more; keep going.
             let _ = tx.send(p);
-            if cancel.is_cancelled() {
+            if stop.is_cancelled() {
                 ControlFlow::Break(())
             } else {
                 ControlFlow::Continue(())
@@ -168,6 +384,7 @@ async fn execute(inner: &Arc<Inner>, task: &mut TaskRecord) -> Outcome {
         Ok::<_, PipelineError>((encoded, out.width(), out.height()))
     });
     let mut last_persist = Instant::now();
+    let owner = owner.as_deref();
     let tiles = metrics::counter!(crate::metrics::TILES, "model" => task.options.model.clone());
     while let Some(p) = rx.recv().await {
         // Progress only moves forward, even if a pass reports a smaller total.
@@ -175,12 +392,16 @@ async fn execute(inner: &Arc<Inner>, task: &mut TaskRecord) -> Outcome {
         let done = task.tiles_done.max(p.done as u32);
         tiles.increment(u64::from(done - task.tiles_done));
         task.tiles_done = done;
-        inner.publish(task);
         if last_persist.elapsed() >= PERSIST_EVERY {
             last_persist = Instant::now();
-            if let Err(e) = inner.tasks.put(task).await {
-                tracing::warn!(error = %e, "cannot persist progress");
+            match inner.save(task, owner).await {
+                Ok(true) => {}
+                // Another instance took the task over: stop at the next tile.
+                Ok(false) => cancel.cancel(),
+                Err(e) => tracing::warn!(error = %e, "cannot persist progress"),
             }
+        } else {
+            inner.publish(task).await;
         }
     }
     match blocking.await {

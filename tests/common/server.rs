@@ -341,3 +341,33 @@ pub fn png(w: u32, h: u32, seed: u8) -> Vec<u8> {
     });
     imaging::encode(&DynamicImage::ImageRgb8(img), OutputFormat::Png).unwrap()
 }
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A client of the server process on `port`, once its core answers (NOT_FOUND for an unknown
+/// task, rather than UNAVAILABLE).
+pub async fn connect(port: u16) -> Client {
+    let url = format!("http://127.0.0.1:{port}");
+    for _ in 0..600 {
+        if let Ok(ch) = Channel::from_shared(url.clone()).unwrap().connect().await {
+            let mut c = UpscalerClient::new(ch);
+            match c
+                .get_task(pb::GetTaskRequest {
+                    task_id: "probe".into(),
+                })
+                .await
+            {
+                Err(s) if s.code() == Code::NotFound => return c,
+                _ => {}
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("server on port {port} never became ready");
+}
