@@ -15,8 +15,8 @@ use tonic_health::ServingStatus;
 use super::pb::upscaler_server::UpscalerServer;
 use super::{pb, UpscalerApi};
 use crate::config::{ConfigError, Settings};
-use crate::locks::{memory::MemoryLocks, redis::RedisLocks, LockManager};
 use crate::events::RedisEvents;
+use crate::locks::{memory::MemoryLocks, redis::RedisLocks, LockManager};
 use crate::store::{embedded::EmbeddedStore, mongo::MongoStore};
 use crate::tasks::{Backends, TaskService};
 
@@ -100,7 +100,9 @@ async fn backends(settings: &Settings) -> Result<Backends, ServeError> {
             (Arc::new(locks), Some(Arc::new(events)))
         }
         None => {
-            tracing::warn!("MONGO_URI without REDIS_URL: file-name locks are per instance, so run only one");
+            tracing::warn!(
+                "MONGO_URI without REDIS_URL: file-name locks are per instance, so run only one"
+            );
             (Arc::new(MemoryLocks::new()), None)
         }
     };

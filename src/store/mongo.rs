@@ -403,11 +403,7 @@ impl SourceStore for MongoStore {
     }
 
     async fn delete_source(&self, task_id: &str) -> Result<(), StoreError> {
-        match self
-            .uploads
-            .delete(Bson::String(task_id.to_owned()))
-            .await
-        {
+        match self.uploads.delete(Bson::String(task_id.to_owned())).await {
             Err(e) if !is_file_not_found(&e) => Err(driver_error("deleting an upload", e)),
             _ => Ok(()),
         }

@@ -155,7 +155,9 @@ pub(super) async fn renew_lock(
                         tracing::warn!(task_id, file_name, holder, "lost the file-name lock");
                         return;
                     }
-                    Err(e) => tracing::warn!(task_id, error = %e, "cannot renew the file-name lock"),
+                    Err(e) => {
+                        tracing::warn!(task_id, error = %e, "cannot renew the file-name lock")
+                    }
                 }
             }
             Err(e) => tracing::warn!(task_id, error = %e, "cannot renew the file-name lock"),
@@ -378,10 +380,7 @@ pub(super) async fn watch(
 }
 
 /// Registers interest in a task that runs elsewhere; events for it then reach the receiver.
-fn follow(
-    inner: &Arc<Inner>,
-    first: &TaskRecord,
-) -> tokio::sync::watch::Receiver<TaskRecord> {
+fn follow(inner: &Arc<Inner>, first: &TaskRecord) -> tokio::sync::watch::Receiver<TaskRecord> {
     let mut followed = inner.followed.lock().expect("poisoned");
     followed
         .entry(first.id.clone())

@@ -232,7 +232,10 @@ impl TaskService {
             ),
             None => {
                 let (tx, rx) = mpsc::channel(settings.queue_capacity);
-                (Queue::Local(tx), Some(Arc::new(tokio::sync::Mutex::new(rx))))
+                (
+                    Queue::Local(tx),
+                    Some(Arc::new(tokio::sync::Mutex::new(rx))),
+                )
             }
         };
         let inner = Arc::new(Inner {

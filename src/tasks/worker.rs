@@ -13,11 +13,11 @@ use tracing::Instrument;
 
 use super::types::{hex, now_ms, ResultMeta, TaskRecord, TaskState};
 use super::{lifecycle, Inner, Job, Queue};
-use crate::locks::Acquire;
-use crate::store::StoreError;
 use crate::imaging;
+use crate::locks::Acquire;
 use crate::model::{ModelError, Progress};
 use crate::pipeline::{self, PipelineError};
+use crate::store::StoreError;
 
 /// Progress is persisted at most this often; watchers in this process see every tile.
 const PERSIST_EVERY: Duration = Duration::from_millis(500);
@@ -358,9 +358,7 @@ async fn execute(
     let bytes = match inner.sources.source(&task.id).await {
         Ok(Some(bytes)) => bytes,
         Ok(None) => {
-            return Outcome::Failed(
-                "interrupted: the upload is gone; upload it again".to_string(),
-            )
+            return Outcome::Failed("interrupted: the upload is gone; upload it again".to_string())
         }
         Err(StoreError::Unavailable(e)) => return Outcome::Requeue(e),
         Err(e) => return Outcome::Failed(format!("source unreadable: {e}")),
