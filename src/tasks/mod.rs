@@ -397,6 +397,10 @@ impl Inner {
         if let Some(live) = self.live.lock().expect("poisoned").get(&task.id) {
             live.updates.send_replace(task.clone());
         }
+        // Watchers here that started following before the task went live here.
+        if let Some(followers) = self.followed.lock().expect("poisoned").get(&task.id) {
+            followers.send_replace(task.clone());
+        }
         if let Some(events) = &self.events {
             events.task(task).await;
         }
