@@ -301,42 +301,24 @@ impl TaskQueue for MongoStore {
         lease: Duration,
     ) -> Result<bool, StoreError> {
         let until = now_ms() + millis(lease);
-        let r = self
-            .tasks
-            .update_one(
-                doc! { "_id": id, "lease_owner": owner },
-                doc! { "$set": { "lease_until_ms": until } },
-            )
+        let update = doc! { "$set": { "lease_until_ms": until } };
+        self.update_leased(id, owner, update, "renewing a task lease")
             .await
-            .map_err(|e| driver_error("renewing a task lease", e))?;
-        Ok(r.matched_count == 1)
     }
 
     async fn put_leased(&self, task: &TaskRecord, owner: &str) -> Result<bool, StoreError> {
-        let r = self
-            .tasks
-            .update_one(
-                doc! { "_id": task.id.as_str(), "lease_owner": owner },
-                doc! { "$set": self.task_fields(task)? },
-            )
+        let update = doc! { "$set": self.task_fields(task)? };
+        self.update_leased(&task.id, owner, update, "saving a task")
             .await
-            .map_err(|e| driver_error("saving a task", e))?;
-        Ok(r.matched_count == 1)
     }
 
     async fn unlease(&self, task: &TaskRecord, owner: &str) -> Result<bool, StoreError> {
-        let r = self
-            .tasks
-            .update_one(
-                doc! { "_id": task.id.as_str(), "lease_owner": owner },
-                doc! {
-                    "$set": self.task_fields(task)?,
-                    "$unset": { "lease_owner": "", "lease_until_ms": "" },
-                },
-            )
+        let update = doc! {
+            "$set": self.task_fields(task)?,
+            "$unset": { "lease_owner": "", "lease_until_ms": "" },
+        };
+        self.update_leased(&task.id, owner, update, "returning a task to the queue")
             .await
-            .map_err(|e| driver_error("returning a task to the queue", e))?;
-        Ok(r.matched_count == 1)
     }
 
     async fn waiting(&self) -> Result<u64, StoreError> {
@@ -344,6 +326,24 @@ impl TaskQueue for MongoStore {
             .count_documents(doc! { "state": "PENDING" })
             .await
             .map_err(|e| driver_error("counting queued tasks", e))
+    }
+}
+
+impl MongoStore {
+    /// Applies `update` to task `id` if `owner` holds its lease; false if it does not.
+    async fn update_leased(
+        &self,
+        id: &str,
+        owner: &str,
+        update: Document,
+        what: &str,
+    ) -> Result<bool, StoreError> {
+        let r = self
+            .tasks
+            .update_one(doc! { "_id": id, "lease_owner": owner }, update)
+            .await
+            .map_err(|e| driver_error(what, e))?;
+        Ok(r.matched_count == 1)
     }
 }
 
