@@ -7,7 +7,7 @@
 mod encode;
 mod planes;
 
-use std::io::Cursor;
+use std::io::{BufRead, Cursor, Read, Seek};
 
 use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader, Limits};
 
@@ -56,17 +56,33 @@ pub fn sniff_format(bytes: &[u8]) -> Result<ImageFormat, ImagingError> {
     }
 }
 
-fn reader(bytes: &[u8]) -> Result<ImageReader<Cursor<&[u8]>>, ImagingError> {
-    let format = sniff_format(bytes)?;
-    Ok(ImageReader::with_format(Cursor::new(bytes), format))
+/// The format from the first bytes of `input`, which is rewound after.
+fn sniff_from<R: BufRead + Seek>(input: &mut R) -> Result<ImageFormat, ImagingError> {
+    let mut magic = Vec::with_capacity(32);
+    input
+        .by_ref()
+        .take(32)
+        .read_to_end(&mut magic)
+        .map_err(ImagingError::decode)?;
+    input.rewind().map_err(ImagingError::decode)?;
+    sniff_format(&magic)
 }
 
 /// Reads the format and dimensions from the header and enforces the pixel limit.
 pub fn probe(bytes: &[u8], max_pixels: u64) -> Result<ImageInfo, ImagingError> {
-    let format = sniff_format(bytes)?;
-    let (width, height) = reader(bytes)?
+    probe_from(&mut Cursor::new(bytes), max_pixels)
+}
+
+/// `probe` on a reader, which is rewound after.
+fn probe_from<R: BufRead + Seek>(
+    input: &mut R,
+    max_pixels: u64,
+) -> Result<ImageInfo, ImagingError> {
+    let format = sniff_from(input)?;
+    let (width, height) = ImageReader::with_format(&mut *input, format)
         .into_dimensions()
         .map_err(ImagingError::decode)?;
+    input.rewind().map_err(ImagingError::decode)?;
     if width == 0 || height == 0 {
         return Err(ImagingError::Empty);
     }
@@ -87,8 +103,16 @@ pub fn probe(bytes: &[u8], max_pixels: u64) -> Result<ImageInfo, ImagingError> {
 /// Decodes an image, refusing it from its header when it is over `max_pixels`, and applies
 /// its EXIF orientation.
 pub fn decode(bytes: &[u8], max_pixels: u64) -> Result<DynamicImage, ImagingError> {
-    let info = probe(bytes, max_pixels)?;
-    let mut reader = reader(bytes)?;
+    decode_from(Cursor::new(bytes), max_pixels)
+}
+
+/// `decode` from a reader (a buffered file, say), so the encoded bytes are never held whole.
+pub fn decode_from<R: BufRead + Seek>(
+    mut input: R,
+    max_pixels: u64,
+) -> Result<DynamicImage, ImagingError> {
+    let info = probe_from(&mut input, max_pixels)?;
+    let mut reader = ImageReader::with_format(input, info.format);
     let mut limits = Limits::default();
     limits.max_image_width = Some(info.width);
     limits.max_image_height = Some(info.height);

@@ -34,7 +34,7 @@ use crate::pipeline::{AlphaMode, EnhanceOptions, TileSize};
 use crate::store::{
     ChunkStream, LocalSources, ResultStore, SourceStore, StoreError, TaskQueue, TaskStore,
 };
-pub use models::ModelCache;
+pub use models::{ModelCache, ModelCatalog, ModelInfo};
 use types::{ResultFormat, ResultMeta, TaskRecord};
 
 #[derive(Debug, thiserror::Error)]
@@ -279,13 +279,22 @@ impl TaskService {
     }
 
     /// Accepts an upload: `chunks` are the file's bytes, in order.
+    ///
+    /// The upload runs in a task of its own, so a caller that is dropped half-way (its client
+    /// disconnected) never cuts it between taking the file-name lock and queueing: the broken
+    /// chunk stream ends it cleanly instead.
     pub async fn upload(
         &self,
         meta: UploadMeta,
-        chunks: BoxStream<'_, Result<Vec<u8>, Error>>,
+        chunks: BoxStream<'static, Result<Vec<u8>, Error>>,
     ) -> Result<UploadOutcome, Error> {
         self.inner.check_backends()?;
-        upload::accept(&self.inner, meta, chunks).await
+        let inner = self.inner.clone();
+        // The caller's span (method, request id) goes along, so the upload's lines keep it.
+        let accept = async move { upload::accept(&inner, meta, chunks).await };
+        tokio::spawn(tracing::Instrument::in_current_span(accept))
+            .await
+            .map_err(|e| Error::Internal(format!("upload task failed: {e}")))?
     }
 
     pub async fn get(&self, task_id: &str) -> Result<TaskRecord, Error> {
@@ -308,13 +317,35 @@ impl TaskService {
         lifecycle::watch(&self.inner, task_id).await
     }
 
+    /// The stored result for `file_name` and its bytes. Names are checked as at upload, so
+    /// one that could never have been stored is refused rather than looked up.
     pub async fn fetch(&self, file_name: &str) -> Result<(ResultMeta, ChunkStream), Error> {
         self.inner.check_backends()?;
+        names::validate(file_name).map_err(Error::InvalidArgument)?;
         self.inner
             .results
             .open(file_name)
             .await?
-            .ok_or_else(|| Error::NotFound(format!("no processed result named `{file_name}`")))
+            .ok_or_else(|| not_found_result(file_name))
+    }
+
+    /// The description of the stored result for `file_name`, without its bytes.
+    pub async fn result_meta(&self, file_name: &str) -> Result<ResultMeta, Error> {
+        self.inner.check_backends()?;
+        names::validate(file_name).map_err(Error::InvalidArgument)?;
+        self.inner
+            .results
+            .meta(file_name)
+            .await?
+            .ok_or_else(|| not_found_result(file_name))
+    }
+
+    /// The models installed here.
+    pub fn models(&self) -> ModelCatalog {
+        ModelCatalog {
+            models: self.inner.models.installed(),
+            default_model: self.inner.settings.default_model.clone(),
+        }
     }
 
     /// Stops taking uploads, interrupts running tasks between tiles (they go back to PENDING
@@ -346,6 +377,10 @@ impl TaskService {
 
 fn not_found_task(id: &str) -> Error {
     Error::NotFound(format!("no task with id `{id}`"))
+}
+
+fn not_found_result(file_name: &str) -> Error {
+    Error::NotFound(format!("no processed result named `{file_name}`"))
 }
 
 impl Inner {

@@ -9,6 +9,23 @@ use tokio::sync::Mutex;
 
 use crate::model::{self, Model, ModelError};
 
+/// A model as clients see it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ModelInfo {
+    pub name: String,
+    pub architecture: String,
+    pub scale: u32,
+    pub shipped: bool,
+    pub description: String,
+}
+
+/// The installed models and the default one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelCatalog {
+    pub models: Vec<ModelInfo>,
+    pub default_model: String,
+}
+
 pub struct ModelCache {
     dir: PathBuf,
     loaded: Mutex<HashMap<String, Arc<Model>>>,
@@ -39,6 +56,21 @@ impl ModelCache {
         let m = Arc::new(m);
         loaded.insert(name.to_string(), m.clone());
         Ok(m)
+    }
+
+    /// The registry models whose weights are installed, in registry order.
+    pub fn installed(&self) -> Vec<ModelInfo> {
+        model::registry::REGISTRY
+            .iter()
+            .filter(|spec| self.available(spec.name))
+            .map(|spec| ModelInfo {
+                name: spec.name.to_string(),
+                architecture: spec.arch.name().to_string(),
+                scale: spec.arch.scale() as u32,
+                shipped: spec.shipped,
+                description: spec.description.to_string(),
+            })
+            .collect()
     }
 
     /// Whether the weights of `name` are installed (without loading them).

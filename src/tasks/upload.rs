@@ -196,8 +196,9 @@ async fn receive(
     }
     let (max_pixels, p) = (limits.max_pixels, file.path().to_path_buf());
     let decoded = tokio::task::spawn_blocking(move || -> Result<_, ImagingError> {
-        let bytes = std::fs::read(&p).map_err(|e| ImagingError::Decode(e.to_string()))?;
-        let img = imaging::decode(&bytes, max_pixels)?;
+        // Read through a buffer: a large upload is never held whole in memory.
+        let file = std::fs::File::open(&p).map_err(|e| ImagingError::Decode(e.to_string()))?;
+        let img = imaging::decode_from(std::io::BufReader::new(file), max_pixels)?;
         Ok((img.color().has_alpha(), img.width(), img.height()))
     })
     .await
