@@ -3,7 +3,8 @@
 //! `model` holds the networks and tiled inference (candle only), `imaging` the image codecs
 //! and pixel conversions (image crates only), and `pipeline` joins the two with
 //! `RealESRGANer.enhance` semantics. `store` and `locks` are the service's backends, `tasks`
-//! its core, and `api` the gRPC layer, the only module that names tonic types.
+//! its core, and `api` the protocol layer: gRPC, gRPC-Web and the HTTP routes with the
+//! built-in page, all on one port.
 
 pub mod api;
 pub mod bench;

@@ -3,8 +3,10 @@
 //!
 //! | metric | type | labels |
 //! |---|---|---|
-//! | `upscaler_requests_total` | counter | `method`, `code` |
-//! | `upscaler_request_duration_seconds` | histogram | `method` |
+//! | `upscaler_requests_total` | counter | `method`, `code` (gRPC) |
+//! | `upscaler_request_duration_seconds` | histogram | `method` (gRPC) |
+//! | `upscaler_http_requests_total` | counter | `route`, `status` (HTTP routes) |
+//! | `upscaler_http_request_duration_seconds` | histogram | `route` (to the response head) |
 //! | `upscaler_queue_depth` | gauge | |
 //! | `upscaler_running_tasks` | gauge | |
 //! | `upscaler_task_duration_seconds` | histogram | `model`, `state` |
@@ -20,6 +22,8 @@ use metrics_exporter_prometheus::PrometheusBuilder;
 
 pub const REQUESTS: &str = "upscaler_requests_total";
 pub const REQUEST_SECONDS: &str = "upscaler_request_duration_seconds";
+pub const HTTP_REQUESTS: &str = "upscaler_http_requests_total";
+pub const HTTP_REQUEST_SECONDS: &str = "upscaler_http_request_duration_seconds";
 pub const QUEUE_DEPTH: &str = "upscaler_queue_depth";
 pub const RUNNING_TASKS: &str = "upscaler_running_tasks";
 pub const TASK_SECONDS: &str = "upscaler_task_duration_seconds";
@@ -54,4 +58,11 @@ pub async fn observe<T>(
     metrics::counter!(REQUESTS, "method" => method, "code" => format!("{code:?}")).increment(1);
     metrics::histogram!(REQUEST_SECONDS, "method" => method).record(start.elapsed().as_secs_f64());
     result
+}
+
+/// Counts an HTTP call under its route pattern (`/tasks/{id}`, not the id) and status.
+pub fn observe_http(route: String, status: u16, took: std::time::Duration) {
+    metrics::counter!(HTTP_REQUESTS, "route" => route.clone(), "status" => status.to_string())
+        .increment(1);
+    metrics::histogram!(HTTP_REQUEST_SECONDS, "route" => route).record(took.as_secs_f64());
 }

@@ -1,19 +1,22 @@
 //! Server assembly: backends, the task service, health and reflection, and graceful
-//! shutdown through one signal.
+//! shutdown through one signal. One listener serves every protocol: gRPC (HTTP/2), gRPC-Web
+//! and the HTTP routes (HTTP/1.1 or HTTP/2), told apart by path and content type.
 
 use std::future::Future;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
+use tonic::server::NamedService;
 use tonic::service::interceptor::InterceptedService;
+use tonic::service::Routes;
+use tower::Layer;
 
 use crate::config::Secret;
-use tokio::sync::OnceCell;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic_health::ServingStatus;
 
-use super::pb::upscaler_server::UpscalerServer;
-use super::{pb, UpscalerApi};
+use super::grpc::{pb, pb::upscaler_server::UpscalerServer, UpscalerApi};
+use super::{http, tls, Core};
 use crate::config::{ConfigError, Settings};
 use crate::events::RedisEvents;
 use crate::locks::{memory::MemoryLocks, redis::RedisLocks, LockManager};
@@ -125,6 +128,13 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     settings.validate()?;
+    let tls = match (&settings.tls_cert, &settings.tls_key) {
+        (Some(cert), Some(key)) => {
+            tracing::info!(cert = %cert.display(), "TLS on, offering h2 and http/1.1");
+            Some(tls::acceptor(cert, key).map_err(ServeError::Startup)?)
+        }
+        _ => None,
+    };
     if let Some(addr) = settings.metrics_addr {
         crate::metrics::install(addr).map_err(ServeError::Startup)?;
         tracing::info!(%addr, "metrics on http://{addr}/metrics");
@@ -144,7 +154,7 @@ pub async fn serve(
         .build_v1alpha()
         .map_err(|e| ServeError::Startup(format!("reflection: {e}")))?;
 
-    let core = Arc::new(OnceCell::new());
+    let core = Core::default();
     let (failed_tx, failed_rx) = tokio::sync::oneshot::channel::<ServeError>();
     let starter = {
         let (core, health, settings) = (core.clone(), health.clone(), settings.clone());
@@ -158,7 +168,7 @@ pub async fn serve(
             match started.await {
                 Ok(service) => {
                     let mut up = service.backends_up();
-                    let _ = core.set(service);
+                    core.set(service);
                     tracing::info!("ready");
                     // Health follows the backends until shutdown aborts this task.
                     loop {
@@ -193,28 +203,36 @@ pub async fn serve(
             // Stop the health updates first, so nothing flips it back to SERVING.
             starter.abort();
             set_health(&health, ServingStatus::NotServing).await;
-            if let Some(service) = core.get() {
+            if let Some(service) = core.started() {
                 service.shutdown().await;
             }
         }
     };
 
-    tracing::info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "listening");
-    // Everything but health answers only to the bearer token, when one is set.
+    let local = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    // Everything but health and the page answers only to the bearer token, when one is set.
     let auth = BearerAuth(settings.auth_token.clone());
-    let mut builder = tonic::transport::Server::builder();
-    if let (Some(cert), Some(key)) = (&settings.tls_cert, &settings.tls_key) {
-        let read = |p: &std::path::PathBuf| {
-            std::fs::read(p)
-                .map_err(|e| ServeError::Startup(format!("cannot read {}: {e}", p.display())))
-        };
-        let identity = tonic::transport::Identity::from_pem(read(cert)?, read(key)?);
-        builder = builder
-            .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
-            .map_err(|e| ServeError::Startup(format!("TLS: {e}")))?;
-        tracing::info!(cert = %cert.display(), "TLS on");
-    }
-    builder
+    let grpc = Routes::new(grpc_web(health_service))
+        .add_service(grpc_web(InterceptedService::new(
+            reflection_v1,
+            auth.clone(),
+        )))
+        .add_service(grpc_web(InterceptedService::new(
+            reflection_v1alpha,
+            auth.clone(),
+        )))
+        .add_service(grpc_web(InterceptedService::new(
+            UpscalerServer::new(UpscalerApi::new(core.clone())),
+            auth,
+        )))
+        .into_axum_router();
+    let app = grpc.merge(http::router(core, &settings)).fallback(fallback);
+    let server = tonic::transport::Server::builder()
+        // Plain HTTP/1.1 for the routes, the page and gRPC-Web; HTTP/2 is told by its preface.
+        .accept_http1(true)
         // One span per call: its method, and the caller's request id when it sends one.
         .trace_fn(|req| {
             let request_id = req
@@ -222,22 +240,36 @@ pub async fn serve(
                 .get("x-request-id")
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("");
-            tracing::info_span!("rpc", method = req.uri().path(), request_id)
+            tracing::info_span!("call", method = req.uri().path(), request_id)
         })
-        .add_service(health_service)
-        .add_service(InterceptedService::new(reflection_v1, auth.clone()))
-        .add_service(InterceptedService::new(reflection_v1alpha, auth.clone()))
-        .add_service(InterceptedService::new(
-            UpscalerServer::new(UpscalerApi::new(core)),
-            auth.clone(),
-        ))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal)
-        .await?;
+        .add_routes(Routes::from(app));
+    tracing::info!(addr = local, "listening");
+    match tls {
+        Some(acceptor) => {
+            server
+                .serve_with_incoming_shutdown(tls::incoming(listener, acceptor), signal)
+                .await?
+        }
+        None => {
+            server
+                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal)
+                .await?
+        }
+    }
     let failed = startup_error.lock().expect("poisoned").take();
     match failed {
         Some(e) => Err(e),
         None => Ok(()),
     }
+}
+
+/// A gRPC service that also answers gRPC-Web. The layer goes on each service, not on the
+/// server: there it would answer 400 to every plain HTTP/1 request, the routes included.
+fn grpc_web<S>(service: S) -> tonic_web::GrpcWebService<S>
+where
+    S: NamedService,
+{
+    tonic_web::GrpcWebLayer::new().layer(service)
 }
 
 /// Sets the overall status and the service's own: clients check either.
@@ -246,25 +278,30 @@ async fn set_health(health: &tonic_health::server::HealthReporter, status: Servi
     health.set_service_status(SERVICE_NAME, status).await;
 }
 
-/// Checks `authorization: Bearer <token>` in constant time; without a token, lets all in.
+/// Lets a call through when it carries the bearer token (or none is set).
 #[derive(Clone)]
 struct BearerAuth(Option<Secret>);
 
 impl tonic::service::Interceptor for BearerAuth {
     fn call(&mut self, req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        let Some(token) = &self.0 else {
-            return Ok(req);
-        };
-        let given = req
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
-        match given {
-            Some(t) if token.matches(t) => Ok(req),
-            Some(_) => Err(tonic::Status::unauthenticated("invalid bearer token")),
-            None => Err(tonic::Status::unauthenticated(
-                "this server needs `authorization: Bearer <token>` metadata",
-            )),
-        }
+        let given = req.metadata().get("authorization").map(|v| v.as_bytes());
+        super::check_bearer(self.0.as_ref(), given).map_err(tonic::Status::unauthenticated)?;
+        Ok(req)
     }
+}
+
+/// What no route serves: gRPC calls get UNIMPLEMENTED as gRPC clients expect, anything else
+/// a JSON 404.
+async fn fallback(request: axum::extract::Request) -> axum::response::Response {
+    let grpc = request
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("application/grpc"));
+    if !grpc {
+        return http::not_found(&request);
+    }
+    let status = tonic::Status::unimplemented(format!("no method {}", request.uri().path()));
+    let (parts, ()) = status.into_http::<()>().into_parts();
+    axum::response::Response::from_parts(parts, axum::body::Body::empty())
 }

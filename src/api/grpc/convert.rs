@@ -4,7 +4,7 @@ use tonic::Status;
 
 use super::pb;
 use crate::tasks::types::{ResultFormat, ResultMeta, TaskRecord, TaskState};
-use crate::tasks::{OutcomeKind, UploadMeta, UploadOutcome};
+use crate::tasks::{ModelCatalog, OutcomeKind, UploadMeta, UploadOutcome};
 
 impl TryFrom<pb::UploadMetadata> for UploadMeta {
     type Error = Status;
@@ -98,6 +98,25 @@ impl From<ResultMeta> for pb::ResultMetadata {
             sha256: m.sha256,
             model: m.model,
             task_id: m.task_id,
+        }
+    }
+}
+
+impl From<ModelCatalog> for pb::ListModelsResponse {
+    fn from(c: ModelCatalog) -> Self {
+        Self {
+            models: c
+                .models
+                .into_iter()
+                .map(|m| pb::ModelInfo {
+                    name: m.name,
+                    architecture: m.architecture,
+                    scale: m.scale,
+                    shipped: m.shipped,
+                    description: m.description,
+                })
+                .collect(),
+            default_model: c.default_model,
         }
     }
 }

@@ -1,21 +1,18 @@
-//! The gRPC layer: the only module that names tonic or prost types. Every handler has the
-//! same shape: validate and convert the request into a core request, call `tasks`, convert
-//! the answer back; errors go through the one mapping in `status`.
+//! The gRPC handlers. Every handler has the same shape: validate and convert the request
+//! into a core request, call `tasks`, convert the answer back; errors go through the one
+//! mapping in `status`.
 
 mod convert;
-mod server;
 mod status;
 
-use std::sync::Arc;
-
 use futures::StreamExt;
-use tokio::sync::{mpsc, OnceCell};
+use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use super::Core;
 use crate::metrics;
 use crate::tasks::{self, TaskService};
-pub use server::{run, serve, ServeError};
 
 pub mod pb {
     tonic::include_proto!("upscaler.v1");
@@ -31,19 +28,16 @@ use pb::upload_image_request::Payload as UploadPayload;
 const STREAM_BUFFER: usize = 4;
 
 pub struct UpscalerApi {
-    /// Set once the core has started (weights loaded, unfinished tasks recovered).
-    core: Arc<OnceCell<TaskService>>,
+    core: Core,
 }
 
 impl UpscalerApi {
-    pub fn new(core: Arc<OnceCell<TaskService>>) -> Self {
+    pub fn new(core: Core) -> Self {
         Self { core }
     }
 
     fn core(&self) -> Result<&TaskService, Status> {
-        self.core
-            .get()
-            .ok_or_else(|| Status::unavailable("the server is starting; retry shortly"))
+        self.core.get().map_err(status::from_core)
     }
 }
 
@@ -79,6 +73,17 @@ impl pb::upscaler_server::Upscaler for UpscalerApi {
         request: Request<pb::FetchProcessedRequest>,
     ) -> Result<Response<Self::FetchProcessedStream>, Status> {
         metrics::observe("FetchProcessed", self.fetch(request)).await
+    }
+
+    async fn list_models(
+        &self,
+        _request: Request<pb::ListModelsRequest>,
+    ) -> Result<Response<pb::ListModelsResponse>, Status> {
+        metrics::observe("ListModels", async {
+            let catalog = self.core()?.models();
+            Ok(Response::new(catalog.into()))
+        })
+        .await
     }
 }
 
@@ -150,9 +155,6 @@ impl UpscalerApi {
         request: Request<pb::FetchProcessedRequest>,
     ) -> Result<Response<ReceiverStream<Result<pb::FetchProcessedResponse, Status>>>, Status> {
         let name = &request.get_ref().file_name;
-        if name.is_empty() {
-            return Err(Status::invalid_argument("file_name is empty"));
-        }
         let (meta, mut chunks) = self.core()?.fetch(name).await.map_err(status::from_core)?;
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         tokio::spawn(async move {
