@@ -249,62 +249,21 @@ async fn a_token_guards_everything_but_health() {
 }
 
 /// With TLS_CERT and TLS_KEY the server speaks TLS: the client commands connect over
-/// https:// trusting the certificate given with --ca; a plaintext client cannot.
+/// https:// trusting the private CA given with --ca; a plaintext client cannot.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tls_with_a_self_signed_certificate() {
+async fn tls_with_a_private_ca() {
     let dir = tempfile::tempdir().unwrap();
-    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
-    let made = Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-        ])
-        .args(["-nodes", "-days", "1", "-subj", "/CN=localhost"])
-        .args(["-addext", "subjectAltName=DNS:localhost"])
-        // A leaf, not a CA: rustls refuses a CA certificate as the server's own.
-        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .output()
-        .expect("openssl runs");
-    assert!(
-        made.status.success(),
-        "{}",
-        String::from_utf8_lossy(&made.stderr)
-    );
+    let certs = common::test_certs(dir.path());
 
     let place = Place::new(Backend::Embedded);
-    let mut settings = place.settings();
-    settings.tls_cert = Some(cert.clone());
-    settings.tls_key = Some(key);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(upscaler::serve(settings, listener, async {
-        let _ = stopped.await;
-    }));
+    let server = Server::start_tls(place.settings(), &certs).await;
+    let port = server.addr.port();
 
     let input = write_png(dir.path(), "secure.png", 8, 8);
     let input = input.to_str().unwrap();
     let https = format!("https://localhost:{port}");
-    let ca = cert.to_str().unwrap();
-    let mut done = None;
-    for _ in 0..100 {
-        let o = upscaler(&https, &["upload", input, "--ca", ca, "--wait", "--json"]).await;
-        if o.status.code() != Some(3) {
-            done = Some(o);
-            break;
-        }
-        // Still starting (weights loading): UNAVAILABLE.
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    let o = done.expect("server became ready");
+    let ca = certs.ca.to_str().unwrap();
+    let o = upscaler(&https, &["upload", input, "--ca", ca, "--wait", "--json"]).await;
     assert!(o.status.success(), "{:?}", text(&o));
     assert_eq!(json(&o)["width"], 32);
 
@@ -320,6 +279,5 @@ async fn tls_with_a_self_signed_certificate() {
         !err.contains("NotFound"),
         "the call never reached the service: {err}"
     );
-    let _ = stop.send(());
-    server.await.unwrap().unwrap();
+    server.stop().await;
 }

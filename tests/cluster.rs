@@ -75,16 +75,9 @@ fn secantusd(test: &str) -> Option<PathBuf> {
         .is_ok_and(|s| s.success());
     match found {
         Some(p) if p.exists() && redis => Some(p),
-        _ => {
-            let msg = format!(
-                "{test}: needs redis-server on PATH and UPSCALER_TEST_SECANTUSD (a Mongo-wire server); scripts/test-with-services sets both"
-            );
-            if std::env::var_os("CI").is_some() {
-                panic!("{msg}");
-            }
-            eprintln!("SKIPPED: {msg}");
-            None
-        }
+        _ => common::skip_or_fail(&format!(
+            "{test}: needs redis-server on PATH and UPSCALER_TEST_SECANTUSD (a Mongo-wire server); scripts/test-with-services sets both"
+        )),
     }
 }
 

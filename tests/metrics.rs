@@ -53,6 +53,15 @@ async fn counters_move_after_a_task() {
         })
         .await;
     assert!(missing.is_err());
+    let web = common::http::Http::new(server.addr);
+    for (path, status) in [
+        ("/tasks/no-such-task", 404),
+        ("/models", 200),
+        ("/nowhere", 404),
+    ] {
+        let r = web.get(path).send().await.unwrap();
+        assert_eq!(r.status().as_u16(), status, "{path}");
+    }
     let after = scrape_now().await.unwrap();
 
     let moved = |series: &str| value(&after, series) - value(&before, series);
@@ -66,6 +75,14 @@ async fn counters_move_after_a_task() {
         1.0
     );
     assert!(moved(r#"upscaler_requests_total{method="GetTask",code="Ok"}"#) >= 1.0);
+    // HTTP calls, by route pattern and status.
+    for series in [
+        r#"upscaler_http_requests_total{route="/tasks/{id}",status="404"}"#,
+        r#"upscaler_http_requests_total{route="/models",status="200"}"#,
+        r#"upscaler_http_requests_total{route="unmatched",status="404"}"#,
+    ] {
+        assert_eq!(moved(series), 1.0, "{series}: {after}");
+    }
     assert_eq!(
         moved(r#"upscaler_tiles_total{model="realesr-animevideov3"}"#),
         f64::from(t.tiles_total)

@@ -9,32 +9,12 @@ use std::process::{Command, Output};
 
 use common::server::{self as srv, Backend, Place, Server};
 
-fn python() -> Option<String> {
-    match std::env::var("UPSCALER_TEST_PYTHON") {
-        Ok(p) => Some(p),
-        Err(_) => {
-            let msg =
-                "python_client: needs UPSCALER_TEST_PYTHON (a Python with grpcio and grpcio-tools)";
-            if std::env::var_os("CI").is_some() {
-                panic!("{msg}");
-            }
-            eprintln!("SKIPPED: {msg}");
-            None
-        }
-    }
-}
-
 async fn run(python: &str, args: Vec<String>) -> Output {
-    let python = python.to_string();
-    tokio::task::spawn_blocking(move || {
-        Command::new(python)
-            .args(args)
-            .current_dir(common::root().join("examples/python"))
-            .output()
-            .expect("python runs")
-    })
-    .await
-    .unwrap()
+    let mut command = Command::new(python);
+    command
+        .args(args)
+        .current_dir(common::root().join("examples/python"));
+    common::output(command).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -52,7 +32,9 @@ async fn python_client_on_real_backends() {
 /// Stubs (generated once per test binary), then upload, watch and fetch; the same file
 /// again; a refused upload.
 async fn session(place: Place) {
-    let Some(py) = python() else { return };
+    let Some(py) = common::python("python_client", "a Python with grpcio and grpcio-tools") else {
+        return;
+    };
     static STUBS: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
     STUBS
         .get_or_init(|| async {
