@@ -12,7 +12,7 @@ use crate::pipeline::TileSize;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct Settings {
-    /// Address the gRPC server listens on.
+    /// Address the server listens on: gRPC, gRPC-Web, the HTTP routes and the page.
     #[arg(long, env = "LISTEN_ADDR", default_value = "0.0.0.0:50051")]
     pub listen_addr: SocketAddr,
     /// Redis for file-name locks, e.g. redis://127.0.0.1:6379. Unset: in-process locks.
@@ -70,14 +70,15 @@ pub struct Settings {
     /// Address of the Prometheus endpoint (`GET /metrics`), e.g. 0.0.0.0:9090; unset: off.
     #[arg(long, env = "METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,
-    /// PEM certificate chain for TLS; with TLS_KEY, the server speaks only TLS.
+    /// PEM certificate chain for TLS; with TLS_KEY, the server speaks only TLS (ALPN: h2 and
+    /// http/1.1).
     #[arg(long, env = "TLS_CERT")]
     pub tls_cert: Option<PathBuf>,
     /// PEM private key for TLS_CERT.
     #[arg(long, env = "TLS_KEY")]
     pub tls_key: Option<PathBuf>,
-    /// Bearer token every RPC but health requires (`authorization: Bearer <token>`); unset:
-    /// no authentication.
+    /// Bearer token every RPC but health, and every HTTP route but the page, requires
+    /// (`authorization: Bearer <token>`); unset: no authentication.
     #[arg(long, env = "AUTH_TOKEN", hide_env_values = true)]
     pub auth_token: Option<Secret>,
     /// Log format: `text` for people, `json` (one object per line) for log collectors.

@@ -270,6 +270,7 @@ async fn bad_forms_are_refused_and_leave_nothing() {
     let server = Server::start(&place).await;
     let web = Http::new(server.addr);
     let png = srv::png(8, 8, 1);
+    let large = padded_png(8, 8, 1, 8 << 20);
     let image = |name: &str| Part::bytes(png.clone()).file_name(name.to_string());
     let cases: Vec<(&str, Form, &str)> = vec![
         (
@@ -355,6 +356,20 @@ async fn bad_forms_are_refused_and_leave_nothing() {
                 .text("format", "gif")
                 .part("image", image("cat.png")),
             "format",
+        ),
+        // Refused before the image is read: the rest of the large body is drained first, so
+        // the client reads the answer instead of a reset connection.
+        (
+            "a bad option before a large image",
+            Form::new()
+                .text("outscale", "big")
+                .part("image", Part::bytes(large.clone()).file_name("cat.png")),
+            "outscale",
+        ),
+        (
+            "a large image under a wrong name",
+            Form::new().part("image", Part::bytes(large.clone()).file_name("cat.gif")),
+            ".png",
         ),
         (
             "an option given twice",

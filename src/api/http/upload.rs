@@ -50,31 +50,23 @@ pub(super) async fn upscale(
         multer::Multipart::with_constraints(body.into_data_stream(), boundary, constraints);
 
     let mut options = FormOptions::default();
-    let image = loop {
-        let field = form
-            .next_field()
-            .await
-            .map_err(form_error)?
-            .ok_or_else(|| {
-                Error::InvalidArgument(
-                    "the form has no field `image`: send the picture as a file in it".into(),
-                )
-            })?;
-        match field.name() {
-            Some("image") => break field,
-            Some(name) if OPTIONS.contains(&name) => {
-                let name = name.to_string();
-                let value = option_value(field, &name).await?;
-                options.set(&name, value)?;
-            }
-            // Other fields are ignored, as the Flask service did.
-            _ => drain(field).await?,
+    let image = match read_options(&mut form, &mut options).await {
+        Ok(image) => image,
+        Err(e) => {
+            // Answer after the whole body, for the reason given at `feed`.
+            let _ = drain_form(&mut form).await;
+            return Err(e.into());
         }
     };
-    let file_name = image.file_name().map(str::to_string).ok_or_else(|| {
-        Error::InvalidArgument("the field `image` must be a file upload with a file name".into())
-    })?;
-    let meta = options.into_meta(file_name)?;
+    let meta = image
+        .file_name()
+        .map(str::to_string)
+        .ok_or_else(|| {
+            Error::InvalidArgument(
+                "the field `image` must be a file upload with a file name".into(),
+            )
+        })
+        .and_then(|file_name| options.into_meta(file_name));
 
     // `feed` reads the body and hands the image to the core through a small channel, so it
     // is streamed, never held whole. Should the core answer before the end (a name still in
@@ -95,7 +87,9 @@ pub(super) async fn upscale(
         // `feed` went away without reaching the end of the body.
         yield Err(Error::Aborted("the request ended before its body did".into()));
     };
-    let (outcome, ()) = tokio::join!(core.upload(meta, chunks.boxed()), feed(image, form, tx));
+    // A refused option is answered like any refusal of the core: after the body is drained.
+    let accept = async { core.upload(meta?, chunks.boxed()).await };
+    let (outcome, ()) = tokio::join!(accept, feed(image, form, tx));
     let outcome = outcome?;
     let (status, location) = match outcome.kind {
         OutcomeKind::Queued | OutcomeKind::InProgress => {
@@ -108,6 +102,42 @@ pub(super) async fn upscale(
         response.headers_mut().insert(header::LOCATION, location);
     }
     Ok(response)
+}
+
+/// Reads the option fields up to the `image` field, which it returns. Unknown fields are
+/// ignored, as the Flask service did.
+async fn read_options(
+    form: &mut multer::Multipart<'static>,
+    options: &mut FormOptions,
+) -> Result<multer::Field<'static>, Error> {
+    loop {
+        let field = form
+            .next_field()
+            .await
+            .map_err(form_error)?
+            .ok_or_else(|| {
+                Error::InvalidArgument(
+                    "the form has no field `image`: send the picture as a file in it".into(),
+                )
+            })?;
+        match field.name() {
+            Some("image") => return Ok(field),
+            Some(name) if OPTIONS.contains(&name) => {
+                let name = name.to_string();
+                let value = option_value(field, &name).await?;
+                options.set(&name, value)?;
+            }
+            _ => drain(field).await?,
+        }
+    }
+}
+
+/// Reads the rest of the form, keeping nothing.
+async fn drain_form(form: &mut multer::Multipart<'static>) -> Result<(), Error> {
+    while let Some(field) = form.next_field().await.map_err(form_error)? {
+        drain(field).await?;
+    }
+    Ok(())
 }
 
 /// What `feed` passes on: the image's bytes, then how the body ended.
@@ -133,16 +163,20 @@ async fn feed(
         }
         drop(image);
         // The options were read before the image; one after it would be silently lost.
+        let mut late = None;
         while let Some(field) = form.next_field().await.map_err(form_error)? {
             let name = field.name().unwrap_or_default().to_string();
-            if name == "image" || OPTIONS.contains(&name.as_str()) {
-                return Err(Error::InvalidArgument(format!(
-                    "the field `{name}` comes after `image`: send one image, as the last field, after the options"
-                )));
+            if late.is_none() && (name == "image" || OPTIONS.contains(&name.as_str())) {
+                late = Some(name);
             }
             drain(field).await?;
         }
-        Ok(())
+        match late {
+            Some(name) => Err(Error::InvalidArgument(format!(
+                "the field `{name}` comes after `image`: send one image, as the last field, after the options"
+            ))),
+            None => Ok(()),
+        }
     };
     let last = match read.await {
         Ok(()) => Piece::End,
