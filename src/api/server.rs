@@ -12,7 +12,7 @@ use tonic::service::Routes;
 use tower::Layer;
 
 use crate::config::Secret;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
 use super::grpc::{pb, pb::upscaler_server::UpscalerServer, UpscalerApi};
@@ -251,8 +251,11 @@ pub async fn serve(
                 .await?
         }
         None => {
+            // No Nagle: a response's head, data and trailers go out at once, not one ACK
+            // (up to 40 ms of delayed ACK) apart.
+            let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
             server
-                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal)
+                .serve_with_incoming_shutdown(incoming, signal)
                 .await?
         }
     }
