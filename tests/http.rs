@@ -624,6 +624,16 @@ async fn models_over_http_and_grpc() {
     assert_eq!(models[0]["architecture"], "RRDBNet");
     assert_eq!(models[2]["architecture"], "SRVGGNetCompact");
 
+    // The routes answer plain HTTP/2 (h2c) as well.
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let r = h2.get(web.url("/models")).send().await.unwrap();
+    assert_eq!(r.version(), reqwest::Version::HTTP_2);
+    let (status, over_h2) = http::json(Ok(r)).await;
+    assert_eq!((status, &over_h2), (StatusCode::OK, &body));
+
     let listed = server
         .client
         .clone()
