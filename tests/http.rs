@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::time::Duration;
 
 use common::http::{self, Http};
@@ -497,20 +497,6 @@ async fn unknown_things_are_404_in_json() {
     server.stop().await;
 }
 
-/// A raw request line, so no client tidies the path first; the status line and body.
-fn raw_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    let status = text[9..12].parse().unwrap();
-    (status, text)
-}
-
 /// Names are checked as at upload: a path is refused, never looked up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn traversal_names_are_refused() {
@@ -536,7 +522,7 @@ async fn traversal_names_are_refused() {
     ] {
         let addr = server.addr;
         let path = path.to_string();
-        let (status, text) = tokio::task::spawn_blocking(move || raw_get(addr, &path))
+        let (status, text) = tokio::task::spawn_blocking(move || http::raw_get(addr, &path))
             .await
             .unwrap();
         assert!(matches!(status, 400 | 404), "{text}");

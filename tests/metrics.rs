@@ -3,18 +3,12 @@
 
 mod common;
 
-use std::io::{Read, Write};
-
 use common::server::{self as srv, Backend, Place, Server};
 use upscaler::api::pb;
 
 fn scrape(addr: std::net::SocketAddr) -> String {
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    let (status, text) = common::http::raw_get(addr, "/metrics");
+    assert_eq!(status, 200, "{text}");
     text
 }
 

@@ -95,6 +95,22 @@ impl Http {
     }
 }
 
+/// A GET sent as written over a fresh connection, so no client tidies the path first: the
+/// status code and the whole answer (head and body).
+pub fn raw_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let status = text[9..12].parse().unwrap();
+    (status, text)
+}
+
 /// The JSON `data` of every event named `event` in a Server-Sent Events body.
 pub fn sse_data(text: &str, event: &str) -> Vec<Value> {
     text.split("\n\n")
