@@ -1,15 +1,27 @@
-//! A fast 3x3, stride 1, padding 1 convolution for the CPU: channels-last (NHWC) tensors,
-//! Winograd F(6x6, 3x3) with the weights transformed once at load, the 36 per-position
-//! products through the `gemm` crate, and bias plus activation fused into the output
-//! transform. Blocks of tiles are spread over rayon's threads.
+//! A fast 3x3, stride 1, padding 1 convolution for the CPU: channels-last (NHWC) buffers,
+//! Winograd F(6x6, 3x3) with the weights transformed and packed once at load, our own GEMM
+//! microkernel for the 64 per-position products, and bias, activation, scale and residuals
+//! fused into the output transform. Blocks of tiles are spread over rayon's threads.
 //!
 //! Winograd F(6x6, 3x3) computes a 6x6 output tile from an 8x8 input tile with 64
 //! multiplications per channel pair instead of 324; the transforms (Lavin and Gray, 2015,
-//! points 0, ±1, ±2, ±1/2 and infinity) cost additions and multiplications by constants. candle's `conv2d` stays the reference: tests
-//! compare the two on random tensors.
+//! points 0, ±1, ±2, ±1/2 and infinity) cost additions and multiplications by constants.
+//!
+//! Every loop is written once against the `Simd` trait and compiled three times (AVX-512,
+//! AVX2+FMA, SSE2; see `simd`). A block of tiles runs entirely inside one function compiled
+//! for the chosen ISA: the input transforms, then for each of the 64 positions a
+//! `(tiles x cin) * (cin x cout)` product, then the output transforms. The products are
+//! small (K = cin up to 192, N = cout 3..64), so instead of a general GEMM with its packing,
+//! the transformed weights are stored at load in 16-column panels (`[p][panel][ci][16]`,
+//! zero-padded), and a register-blocked microkernel (6x16 on AVX2, 8x32 on AVX-512)
+//! broadcasts each input value against one or two panels. candle's `conv2d` stays the
+//! reference: tests compare the two on random tensors, for every ISA the CPU has.
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
+
+pub use super::simd::Isa;
+use super::simd::{Avx2, Avx512, Scalar, Simd, Sse};
 
 /// What follows the convolution, applied in the output transform.
 #[derive(Debug, Clone)]
@@ -25,7 +37,10 @@ pub enum Activation {
 pub struct Conv3x3 {
     cin: usize,
     cout: usize,
-    /// `u[p][ci][co]`: the transformed kernel at each of the 36 positions.
+    /// `cout` rounded up to whole panels.
+    cout_pad: usize,
+    /// `u[p][panel][ci][PANEL]`: the transformed kernel at each of the 64 positions, in
+    /// panels of 16 output channels (zeros past `cout`).
     u: Vec<f32>,
     bias: Vec<f32>,
     act: Activation,
@@ -35,6 +50,8 @@ pub struct Conv3x3 {
 const OUT: usize = 6;
 const IN: usize = 8;
 const POS: usize = IN * IN;
+/// Output channels per packed weight panel.
+const PANEL: usize = 16;
 
 /// Kernel transform `G` (8x3).
 #[rustfmt::skip]
@@ -49,8 +66,9 @@ const G: [[f64; 3]; IN] = [
     [0.0, 0.0, 1.0],
 ];
 
-/// Scratch per block of tiles is kept near this size so it stays in the core's L2 cache.
-const BLOCK_BYTES: usize = 768 * 1024;
+/// Transformed inputs and products of one block of tiles are kept near this size, so they
+/// stay in the core's L2 cache between the transforms and the products.
+const BLOCK_BYTES: usize = 512 * 1024;
 
 impl Conv3x3 {
     /// From an OIHW `(cout, cin, 3, 3)` weight and an optional `(cout,)` bias, any float dtype.
@@ -74,25 +92,26 @@ impl Conv3x3 {
         }
         // U = G g G^T per (co, ci), computed in f64 and rounded once. Each position p = (i, j)
         // is a fixed combination of the nine taps: U_p = sum_kl G[i][k] G[j][l] g[k][l].
-        let mut taps = vec![0f64; cin * cout * 9];
-        for co in 0..cout {
-            for ci in 0..cin {
-                taps[(ci * cout + co) * 9..][..9].copy_from_slice(&w[(co * cin + ci) * 9..][..9]);
-            }
-        }
-        let mut u = vec![0f32; POS * cin * cout];
-        u.par_chunks_mut(cin * cout)
+        let cout_pad = cout.div_ceil(PANEL) * PANEL;
+        let mut u = vec![0f32; POS * cin * cout_pad];
+        u.par_chunks_mut(cin * cout_pad)
             .enumerate()
             .for_each(|(p, up)| {
                 let (i, j) = (p / IN, p % IN);
                 let c: [f64; 9] = std::array::from_fn(|kl| G[i][kl / 3] * G[j][kl % 3]);
-                for (out, g) in up.iter_mut().zip(taps.chunks_exact(9)) {
-                    *out = c.iter().zip(g).map(|(a, b)| a * b).sum::<f64>() as f32;
+                for co in 0..cout {
+                    let (panel, lane) = (co / PANEL, co % PANEL);
+                    for ci in 0..cin {
+                        let g = &w[(co * cin + ci) * 9..][..9];
+                        let v: f64 = c.iter().zip(g).map(|(a, b)| a * b).sum();
+                        up[(panel * cin + ci) * PANEL + lane] = v as f32;
+                    }
                 }
             });
         Ok(Self {
             cin,
             cout,
+            cout_pad,
             u,
             bias,
             act,
@@ -109,29 +128,63 @@ impl Conv3x3 {
 
     /// Applies the convolution to an `(n, h, w, cin)` f32 tensor, giving `(n, h, w, cout)`.
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        xs.apply_op1_no_bwd(self)
+        xs.apply_op1_no_bwd(&Op {
+            conv: self,
+            upsample: false,
+            isa: Isa::active(),
+        })
     }
 
-    /// Tiles per block: enough rows for the GEMMs, few enough to stay in cache.
-    fn block_tiles(&self, tiles: usize) -> usize {
-        let per_tile = POS * (self.cin + self.cout) * std::mem::size_of::<f32>();
-        let fit = (BLOCK_BYTES / per_tile).clamp(16, 256);
-        // Leave at least a few blocks per thread so the work balances.
-        let spread = tiles.div_ceil(4 * rayon::current_num_threads()).max(8);
-        fit.min(spread)
+    /// `forward` on a given ISA path (which this CPU must support): for tests.
+    pub fn forward_isa(&self, xs: &Tensor, isa: Isa) -> Result<Tensor> {
+        xs.apply_op1_no_bwd(&Op {
+            conv: self,
+            upsample: false,
+            isa,
+        })
     }
 
     /// Like `forward`, on the input upsampled 2x (nearest) first: `(n, 2h, 2w, cout)` out.
     pub fn forward_upsampled(&self, xs: &Tensor) -> Result<Tensor> {
-        xs.apply_op1_no_bwd(&Upsampled(self))
+        self.forward_upsampled_isa(xs, Isa::active())
+    }
+
+    /// `forward_upsampled` on a given ISA path: for tests.
+    pub fn forward_upsampled_isa(&self, xs: &Tensor, isa: Isa) -> Result<Tensor> {
+        xs.apply_op1_no_bwd(&Op {
+            conv: self,
+            upsample: true,
+            isa,
+        })
+    }
+
+    /// Tiles per block: a multiple of the microkernel's rows, enough for the products, few
+    /// enough to stay in cache, and leaving several blocks per thread so the work balances.
+    fn block_tiles(&self, tiles: usize, isa: Isa) -> usize {
+        let mr = isa.gemm_rows();
+        let per_tile = POS * (self.cin + self.cout_pad) * std::mem::size_of::<f32>();
+        let fit = (BLOCK_BYTES / per_tile / mr).clamp(2, 256 / mr) * mr;
+        let spread = tiles
+            .div_ceil(4 * rayon::current_num_threads())
+            .div_ceil(mr)
+            * mr;
+        fit.min(spread.max(mr))
     }
 
     /// The whole convolution on a contiguous NHWC buffer of `h x w` pixels, or of
     /// `h/2 x w/2` pixels read through a 2x nearest upsampling if `upsample`.
-    pub fn run(&self, input: &[f32], n: usize, h: usize, w: usize, upsample: bool) -> Vec<f32> {
+    pub fn run(
+        &self,
+        input: &[f32],
+        n: usize,
+        h: usize,
+        w: usize,
+        upsample: bool,
+        isa: Isa,
+    ) -> Vec<f32> {
         let src_px = if upsample { (h / 2) * (w / 2) } else { h * w };
         assert!(
-            !upsample || (h % 2 == 0 && w % 2 == 0),
+            !upsample || (h.is_multiple_of(2) && w.is_multiple_of(2)),
             "upsampled size is even"
         );
         assert_eq!(input.len(), n * src_px * self.cin, "input size");
@@ -145,8 +198,39 @@ impl Conv3x3 {
             upsample,
         };
         // SAFETY: separate buffers of the sizes asserted above.
-        unsafe { self.run_raw(io, n, h, w) };
+        unsafe { self.run_raw_isa(io, n, h, w, isa) };
         out
+    }
+
+    /// The convolution between two contiguous channels-last buffers of one image: `src`
+    /// holds `h x w` pixels of `cin` channels (`h/2 x w/2` if `upsample`), `dst` receives
+    /// `h x w` pixels of `cout`.
+    pub fn run_into(
+        &self,
+        src: &[f32],
+        dst: &mut [f32],
+        h: usize,
+        w: usize,
+        upsample: bool,
+        isa: Isa,
+    ) {
+        let src_px = if upsample { (h / 2) * (w / 2) } else { h * w };
+        assert!(
+            !upsample || (h.is_multiple_of(2) && w.is_multiple_of(2)),
+            "upsampled size is even"
+        );
+        assert_eq!(src.len(), src_px * self.cin, "input size");
+        assert_eq!(dst.len(), h * w * self.cout, "output size");
+        let io = Io {
+            src: src.as_ptr(),
+            src_stride: self.cin,
+            dst: dst.as_mut_ptr(),
+            dst_stride: self.cout,
+            epilogue: Epilogue::default(),
+            upsample,
+        };
+        // SAFETY: two separate buffers of the sizes asserted above.
+        unsafe { self.run_raw_isa(io, 1, h, w, isa) };
     }
 
     /// The convolution between channels-last buffers with any pixel strides, for networks
@@ -157,17 +241,29 @@ impl Conv3x3 {
     /// The `cin` channels read at `io.src` are not written by this call. A residual may alias
     /// the output channels (it is read at a pixel just before that pixel is written).
     pub unsafe fn run_raw(&self, io: Io, n: usize, h: usize, w: usize) {
-        let (cin, cout) = (self.cin, self.cout);
+        self.run_raw_isa(io, n, h, w, Isa::active())
+    }
+
+    /// `run_raw` on a given ISA path.
+    ///
+    /// # Safety
+    /// As `run_raw`. Panics if this CPU lacks `isa`.
+    pub unsafe fn run_raw_isa(&self, io: Io, n: usize, h: usize, w: usize, isa: Isa) {
+        assert!(
+            isa.supported(),
+            "this CPU cannot run the {} path",
+            isa.name()
+        );
+        let (cin, cout_pad) = (self.cin, self.cout_pad);
         if n * h * w == 0 {
             return;
         }
         let (th, tw) = (h.div_ceil(OUT), w.div_ceil(OUT));
         let tiles = th * tw;
-        let block = self.block_tiles(tiles);
+        let block = self.block_tiles(tiles, isa);
         let blocks = tiles.div_ceil(block);
-        let level = SimdLevel::detect();
         (0..n * blocks).into_par_iter().for_each(|job| {
-            Scratch::with(block, cin, cout, |scratch| {
+            Scratch::with(block, cin, cout_pad, |scratch| {
                 let (img, b) = (job / blocks, job % blocks);
                 let first = b * block;
                 let work = Block {
@@ -177,28 +273,28 @@ impl Conv3x3 {
                     count: block.min(tiles - first),
                     block,
                 };
-                level.dispatch(self, work, scratch);
+                dispatch(isa, self, work, scratch);
             })
         });
     }
 
-    /// Transforms, multiplies and writes one block of tiles. Inlined into a copy per
-    /// instruction set (see `SimdLevel`), so the element-wise loops use the widest vectors.
+    /// Transforms, multiplies and writes one block of tiles. Inlined into one copy per
+    /// instruction set (see `dispatch`).
     #[inline(always)]
-    fn process(&self, work: Block, scratch: &mut Scratch) {
+    unsafe fn process<S: Simd>(&self, work: Block, s: &mut Scratch, multiply: Multiply) {
         for t in 0..work.count {
-            self.input_tile(&work, work.first + t, t, scratch);
+            self.input_tile::<S>(&work, work.first + t, t, s);
         }
-        self.multiply(work.count, work.block, scratch);
+        multiply(self, work.count, work.block, s);
         for t in 0..work.count {
-            self.output_tile(&work, work.first + t, t, scratch);
+            self.output_tile::<S>(&work, work.first + t, t, s);
         }
     }
 
-    /// Gathers the 6x6 input patch of tile `tile` (zeros outside the image) and writes its
+    /// Gathers the 8x8 input patch of tile `tile` (zeros outside the image) and writes its
     /// transform `B^T d B` to `v[p][slot][ci]`.
     #[inline(always)]
-    fn input_tile(&self, work: &Block, tile: usize, slot: usize, s: &mut Scratch) {
+    unsafe fn input_tile<S: Simd>(&self, work: &Block, tile: usize, slot: usize, s: &mut Scratch) {
         let (cin, geom, io) = (self.cin, &work.geom, &work.io);
         let (y0, x0) = (
             (tile / geom.tw * OUT) as isize - 1,
@@ -207,159 +303,406 @@ impl Conv3x3 {
         // The `cin` channels of pixel (y, x); the caller of `run_raw` keeps them unwritten.
         let shift = io.upsample as usize;
         let src_w = geom.w >> shift;
-        let pixel = |y: usize, x: usize| unsafe {
-            let at = (y >> shift) * src_w + (x >> shift);
-            std::slice::from_raw_parts(io.src.add(at * io.src_stride), cin)
+        let pixel = |y: usize, x: usize| {
+            io.src
+                .add(((y >> shift) * src_w + (x >> shift)) * io.src_stride)
         };
+        let tmp = s.tmp_in.as_mut_ptr();
         let inside = y0 >= 0 && x0 >= 0 && y0 as usize + IN <= geom.h && x0 as usize + IN <= geom.w;
         if inside {
             // Columns straight from the image: tmp[i][j] = sum_k BT[i][k] d[k][j].
             let (y0, x0) = (y0 as usize, x0 as usize);
             for j in 0..IN {
-                bt8(
+                bt8::<S>(
                     std::array::from_fn(|k| pixel(y0 + k, x0 + j)),
-                    strided_mut(&mut s.tmp_in, j * cin, IN * cin, cin),
+                    std::array::from_fn(|i| tmp.add((i * IN + j) * cin)),
+                    cin,
                 );
             }
         } else {
+            let patch = s.patch.as_mut_ptr();
             for i in 0..IN {
                 let y = y0 + i as isize;
                 for j in 0..IN {
                     let x = x0 + j as isize;
-                    let dst = &mut s.patch[(i * IN + j) * cin..][..cin];
+                    let dst = patch.add((i * IN + j) * cin);
                     if y >= 0 && (y as usize) < geom.h && x >= 0 && (x as usize) < geom.w {
-                        dst.copy_from_slice(pixel(y as usize, x as usize));
+                        std::ptr::copy_nonoverlapping(pixel(y as usize, x as usize), dst, cin);
                     } else {
-                        dst.fill(0.0);
+                        std::ptr::write_bytes(dst, 0, cin);
                     }
                 }
             }
             for j in 0..IN {
-                bt8(
-                    strided(&s.patch, j * cin, IN * cin, cin),
-                    strided_mut(&mut s.tmp_in, j * cin, IN * cin, cin),
+                bt8::<S>(
+                    std::array::from_fn(|k| patch.add((k * IN + j) * cin) as *const f32),
+                    std::array::from_fn(|i| tmp.add((i * IN + j) * cin)),
+                    cin,
                 );
             }
         }
         // Rows: v[i][j] = sum_k tmp[i][k] BT[j][k].
+        let v = s.v.as_mut_ptr();
         for i in 0..IN {
-            bt8(
-                strided(&s.tmp_in, i * IN * cin, cin, cin),
-                strided_mut(
-                    &mut s.v,
-                    (i * IN * work.block + slot) * cin,
-                    work.block * cin,
-                    cin,
-                ),
+            bt8::<S>(
+                std::array::from_fn(|k| tmp.add((i * IN + k) * cin) as *const f32),
+                std::array::from_fn(|j| v.add(((i * IN + j) * work.block + slot) * cin)),
+                cin,
             );
         }
     }
 
-    /// `m[p] = v[p] x u[p]` for the 36 positions: (count x cin) times (cin x cout).
-    fn multiply(&self, count: usize, block: usize, s: &mut Scratch) {
-        let (cin, cout) = (self.cin, self.cout);
+    /// `m[p] = v[p] x u[p]` for the 64 positions: (count x cin) times (cin x cout_pad).
+    #[inline(always)]
+    unsafe fn multiply<S: Simd>(&self, count: usize, block: usize, s: &mut Scratch) {
+        let (cin, cpad) = (self.cin, self.cout_pad);
+        let (v, m, u) = (s.v.as_ptr(), s.m.as_mut_ptr(), self.u.as_ptr());
         for p in 0..POS {
-            let v = &s.v[p * block * cin..];
-            let u = &self.u[p * cin * cout..][..cin * cout];
-            let m = &mut s.m[p * block * cout..][..count * cout];
-            // SAFETY: the slices hold count x cin, cin x cout and count x cout row-major
-            // matrices with the strides given.
-            unsafe {
-                gemm::gemm(
-                    count,
-                    cout,
-                    cin,
-                    m.as_mut_ptr(),
-                    1,
-                    cout as isize,
-                    false,
-                    v.as_ptr(),
-                    1,
-                    cin as isize,
-                    u.as_ptr(),
-                    1,
-                    cout as isize,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
-            }
+            gemm::<S>(
+                count,
+                cpad / PANEL,
+                cin,
+                v.add(p * block * cin),
+                u.add(p * cin * cpad),
+                m.add(p * block * cpad),
+                cpad,
+            );
         }
     }
 
     /// `A^T m A` for tile `tile`, then the epilogue, written to its output pixels.
     #[inline(always)]
-    fn output_tile(&self, work: &Block, tile: usize, slot: usize, s: &mut Scratch) {
-        let (cout, geom, io, block) = (self.cout, &work.geom, &work.io, work.block);
-        // Columns: tmp[a][j] = sum_i AT[a][i] m[i][j].
+    unsafe fn output_tile<S: Simd>(&self, work: &Block, tile: usize, slot: usize, s: &mut Scratch) {
+        let (cpad, geom, io, block) = (self.cout_pad, &work.geom, &work.io, work.block);
+        let (m, tmp, y) = (s.m.as_ptr(), s.tmp_out.as_mut_ptr(), s.y.as_mut_ptr());
+        // Columns: tmp[a][j] = sum_i AT[a][i] m[i][j]. Padded channels are computed too:
+        // whole vectors, and the padding is never stored.
         for j in 0..IN {
-            at8(
-                strided(&s.m, (j * block + slot) * cout, IN * block * cout, cout),
-                strided_mut(&mut s.tmp_out, j * cout, IN * cout, cout),
+            at8::<S>(
+                std::array::from_fn(|i| m.add(((i * IN + j) * block + slot) * cpad)),
+                std::array::from_fn(|a| tmp.add((a * IN + j) * cpad)),
+                cpad,
             );
         }
         // Rows: y[a][b] = sum_j tmp[a][j] AT[b][j].
         for a in 0..OUT {
-            at8(
-                strided(&s.tmp_out, a * IN * cout, cout, cout),
-                strided_mut(&mut s.y, a * OUT * cout, cout, cout),
+            at8::<S>(
+                std::array::from_fn(|j| tmp.add((a * IN + j) * cpad) as *const f32),
+                std::array::from_fn(|b| y.add((a * OUT + b) * cpad)),
+                cpad,
             );
         }
         let (ty, tx) = (tile / geom.tw * OUT, tile % geom.tw * OUT);
         for a in 0..OUT.min(geom.h - ty) {
             for b in 0..OUT.min(geom.w - tx) {
-                let y = &mut s.y[(a * OUT + b) * cout..][..cout];
                 let at = (ty + a) * geom.w + tx + b;
-                self.finish(y, &io.epilogue, at);
-                // SAFETY: this thread alone writes this pixel's output channels, and no
-                // other reference to them lives (residuals were read in `finish`).
-                let out =
-                    unsafe { std::slice::from_raw_parts_mut(io.dst.add(at * io.dst_stride), cout) };
-                out.copy_from_slice(y);
+                self.finish::<S>(
+                    y.add((a * OUT + b) * cpad),
+                    &io.epilogue,
+                    at,
+                    io.dst.add(at * io.dst_stride),
+                );
             }
         }
     }
 
-    /// Bias, activation, scale and residuals, in place on one pixel's `cout` values.
+    /// Bias, activation, scale and residuals on one pixel's `cout` values at `y`, written
+    /// to `out`: whole vectors, then single lanes for the channels left over.
     #[inline(always)]
-    fn finish(&self, y: &mut [f32], epi: &Epilogue, pixel: usize) {
-        let bias = &self.bias[..y.len()];
+    unsafe fn finish<S: Simd>(&self, y: *const f32, epi: &Epilogue, pixel: usize, out: *mut f32) {
+        let cout = self.cout;
+        let whole = cout / S::LANES * S::LANES;
+        let mut c = 0;
+        while c < whole {
+            self.finish_at::<S>(y, epi, pixel, out, c);
+            c += S::LANES;
+        }
+        while c < cout {
+            self.finish_at::<Scalar>(y, epi, pixel, out, c);
+            c += 1;
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn finish_at<S: Simd>(
+        &self,
+        y: *const f32,
+        epi: &Epilogue,
+        pixel: usize,
+        out: *mut f32,
+        c: usize,
+    ) {
+        let mut v = S::add(S::load(y.add(c)), S::load(self.bias.as_ptr().add(c)));
         match &self.act {
-            Activation::None => {
-                for (v, &b) in y.iter_mut().zip(bias) {
-                    *v += b;
-                }
-            }
+            Activation::None => {}
+            // x >= 0 ? x : x * slope, as max(x, 0) + slope * min(x, 0): exact either way.
             Activation::LeakyRelu(slope) => {
-                for (v, &b) in y.iter_mut().zip(bias) {
-                    let x = *v + b;
-                    *v = if x >= 0.0 { x } else { x * slope };
-                }
+                v = S::fma(S::splat(*slope), S::min(v, S::zero()), S::max(v, S::zero()));
             }
             Activation::PRelu(slopes) => {
-                for ((v, &b), &s) in y.iter_mut().zip(bias).zip(&slopes[..]) {
-                    let x = *v + b;
-                    *v = if x >= 0.0 { x } else { x * s };
-                }
+                let slope = S::load(slopes.as_ptr().add(c));
+                v = S::fma(slope, S::min(v, S::zero()), S::max(v, S::zero()));
             }
         }
         if epi.scale != 1.0 {
-            for v in y.iter_mut() {
-                *v *= epi.scale;
-            }
+            v = S::mul(v, S::splat(epi.scale));
         }
         for r in epi.residuals.iter().flatten() {
             // SAFETY: `run_raw`'s contract: the residual holds this pixel, and nothing
             // writes it until this thread writes the output below.
-            let add = unsafe { std::slice::from_raw_parts(r.ptr.add(pixel * r.stride), y.len()) };
-            for (v, &a) in y.iter_mut().zip(add) {
-                *v += r.scale * a;
-            }
+            let add = S::load(r.ptr.add(pixel * r.stride + c));
+            v = S::fma(S::splat(r.scale), add, v);
+        }
+        S::store(out.add(c), v);
+    }
+}
+
+/// Runs one block on `isa`'s copy of `process`.
+fn dispatch(isa: Isa, conv: &Conv3x3, work: Block, scratch: &mut Scratch) {
+    // SAFETY: `run_raw_isa` asserted that this CPU supports `isa`; the buffers are the
+    // caller's contract.
+    unsafe {
+        match isa {
+            Isa::Baseline => process_baseline(conv, work, scratch),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => process_avx2(conv, work, scratch),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => process_avx512(conv, work, scratch),
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => unreachable!("no such path off x86-64"),
         }
     }
+}
+
+/// The products of one block, compiled per ISA as its own function (so profiles show the
+/// transforms and the products apart).
+type Multiply = unsafe fn(&Conv3x3, usize, usize, &mut Scratch);
+
+#[inline(never)]
+unsafe fn process_baseline(conv: &Conv3x3, work: Block, scratch: &mut Scratch) {
+    conv.process::<Sse>(work, scratch, multiply_baseline)
+}
+
+#[inline(never)]
+unsafe fn multiply_baseline(conv: &Conv3x3, count: usize, block: usize, s: &mut Scratch) {
+    conv.multiply::<Sse>(count, block, s)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn process_avx2(conv: &Conv3x3, work: Block, scratch: &mut Scratch) {
+    conv.process::<Avx2>(work, scratch, multiply_avx2)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline(never)]
+unsafe fn multiply_avx2(conv: &Conv3x3, count: usize, block: usize, s: &mut Scratch) {
+    conv.multiply::<Avx2>(count, block, s)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn process_avx512(conv: &Conv3x3, work: Block, scratch: &mut Scratch) {
+    conv.process::<Avx512>(work, scratch, multiply_avx512)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+#[inline(never)]
+unsafe fn multiply_avx512(conv: &Conv3x3, count: usize, block: usize, s: &mut Scratch) {
+    conv.multiply::<Avx512>(count, block, s)
+}
+
+/// The per-position product `c = a * b` of `rows x k` by `k x (panels * 16)`: `a` row-major
+/// with rows `k` apart (the transformed inputs), `b` in packed panels (`[panel][k][16]`),
+/// `c` row-major with rows `ldc` apart.
+#[inline(always)]
+unsafe fn gemm<S: Simd>(
+    rows: usize,
+    panels: usize,
+    k: usize,
+    a: *const f32,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+) {
+    // Panels a full-width microkernel covers: one on SSE2 and AVX2, two on AVX-512.
+    let wide = S::NV * S::LANES / PANEL;
+    let pstride = k * PANEL;
+    let mut j = 0;
+    while j < panels {
+        let (bj, cj) = (b.add(j * pstride), c.add(j * PANEL));
+        if j + wide <= panels {
+            rows_of::<S>(rows, k, a, bj, pstride, cj, ldc, S::NV);
+            j += wide;
+        } else {
+            // AVX-512 with an odd panel left: one vector per row.
+            rows_of::<S>(rows, k, a, bj, pstride, cj, ldc, PANEL / S::LANES);
+            j += 1;
+        }
+    }
+}
+
+/// All `rows` of one column strip of `nv` vectors: blocks of the microkernel's `MR` rows,
+/// then one call for the rows left over.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn rows_of<S: Simd>(
+    rows: usize,
+    k: usize,
+    a: *const f32,
+    b: *const f32,
+    pstride: usize,
+    c: *mut f32,
+    ldc: usize,
+    nv: usize,
+) {
+    macro_rules! strip {
+        ($nv:literal) => {{
+            let mut r = 0;
+            while r + S::MR <= rows {
+                match S::MR {
+                    8 => kernel::<S, 8, $nv>(k, a.add(r * k), b, pstride, c.add(r * ldc), ldc),
+                    6 => kernel::<S, 6, $nv>(k, a.add(r * k), b, pstride, c.add(r * ldc), ldc),
+                    3 => kernel::<S, 3, $nv>(k, a.add(r * k), b, pstride, c.add(r * ldc), ldc),
+                    _ => unreachable!("microkernel rows"),
+                }
+                r += S::MR;
+            }
+            let (a, c) = (a.add(r * k), c.add(r * ldc));
+            match rows - r {
+                0 => {}
+                1 => kernel::<S, 1, $nv>(k, a, b, pstride, c, ldc),
+                2 => kernel::<S, 2, $nv>(k, a, b, pstride, c, ldc),
+                3 => kernel::<S, 3, $nv>(k, a, b, pstride, c, ldc),
+                4 => kernel::<S, 4, $nv>(k, a, b, pstride, c, ldc),
+                5 => kernel::<S, 5, $nv>(k, a, b, pstride, c, ldc),
+                6 => kernel::<S, 6, $nv>(k, a, b, pstride, c, ldc),
+                7 => kernel::<S, 7, $nv>(k, a, b, pstride, c, ldc),
+                _ => unreachable!("fewer rows than the microkernel's"),
+            }
+        }};
+    }
+    match nv {
+        1 => strip!(1),
+        2 => strip!(2),
+        4 => strip!(4),
+        _ => unreachable!("vectors per row"),
+    }
+}
+
+/// The microkernel: an `MR x (NV * LANES)` block of `c` kept in registers over the whole
+/// `k`, each step loading `NV` weight vectors and broadcasting `MR` inputs.
+#[inline(always)]
+unsafe fn kernel<S: Simd, const MR: usize, const NV: usize>(
+    k: usize,
+    a: *const f32,
+    b: *const f32,
+    pstride: usize,
+    c: *mut f32,
+    ldc: usize,
+) {
+    // Vector v of a row lies in panel v * LANES / 16, at lane offset v * LANES % 16.
+    let boff: [usize; NV] =
+        std::array::from_fn(|v| v * S::LANES / PANEL * pstride + v * S::LANES % PANEL);
+    let mut acc = [[S::zero(); NV]; MR];
+    let (mut ap, mut bp) = (a, b);
+    for _ in 0..k {
+        let bv: [S::V; NV] = std::array::from_fn(|v| S::load(bp.add(boff[v])));
+        for (r, row) in acc.iter_mut().enumerate() {
+            let x = S::splat(*ap.add(r * k));
+            for (acc, &bv) in row.iter_mut().zip(&bv) {
+                *acc = S::fma(x, bv, *acc);
+            }
+        }
+        ap = ap.add(1);
+        bp = bp.add(PANEL);
+    }
+    for (r, row) in acc.iter().enumerate() {
+        for (v, &acc) in row.iter().enumerate() {
+            S::store(c.add(r * ldc + v * S::LANES), acc);
+        }
+    }
+}
+
+/// `d = B^T s` along the eight rows, element-wise over `n` channels: whole vectors, then
+/// single lanes for what is left (only the 3-channel first convolution has any).
+#[inline(always)]
+unsafe fn bt8<S: Simd>(s: [*const f32; IN], d: [*mut f32; IN], n: usize) {
+    let whole = n / S::LANES * S::LANES;
+    let mut c = 0;
+    while c < whole {
+        bt8_at::<S>(&s, &d, c);
+        c += S::LANES;
+    }
+    while c < n {
+        bt8_at::<Scalar>(&s, &d, c);
+        c += 1;
+    }
+}
+
+#[inline(always)]
+unsafe fn bt8_at<S: Simd>(s: &[*const f32; IN], d: &[*mut f32; IN], c: usize) {
+    let a: [S::V; IN] = std::array::from_fn(|k| S::load(s[k].add(c)));
+    let k = S::splat;
+    // d0 = a0 - a6 + 5.25 (a4 - a2); d7 = a7 - a1 + 5.25 (a3 - a5)
+    S::store(
+        d[0].add(c),
+        S::fma(k(5.25), S::sub(a[4], a[2]), S::sub(a[0], a[6])),
+    );
+    S::store(
+        d[7].add(c),
+        S::fma(k(5.25), S::sub(a[3], a[5]), S::sub(a[7], a[1])),
+    );
+    // d1, d2 = (a2 + a6 - 4.25 a4) ± (a1 + a5 - 4.25 a3)
+    let e = S::fma(k(-4.25), a[4], S::add(a[2], a[6]));
+    let o = S::fma(k(-4.25), a[3], S::add(a[1], a[5]));
+    S::store(d[1].add(c), S::add(e, o));
+    S::store(d[2].add(c), S::sub(e, o));
+    // d3, d4 = (a6 + 0.25 a2 - 1.25 a4) ± (0.5 a1 - 2.5 a3 + 2 a5)
+    let e = S::fma(k(-1.25), a[4], S::fma(k(0.25), a[2], a[6]));
+    let o = S::fma(k(2.0), a[5], S::fma(k(-2.5), a[3], S::mul(k(0.5), a[1])));
+    S::store(d[3].add(c), S::add(e, o));
+    S::store(d[4].add(c), S::sub(e, o));
+    // d5, d6 = (a6 + 4 a2 - 5 a4) ± (2 a1 - 2.5 a3 + 0.5 a5)
+    let e = S::fma(k(-5.0), a[4], S::fma(k(4.0), a[2], a[6]));
+    let o = S::fma(k(0.5), a[5], S::fma(k(-2.5), a[3], S::mul(k(2.0), a[1])));
+    S::store(d[5].add(c), S::add(e, o));
+    S::store(d[6].add(c), S::sub(e, o));
+}
+
+/// `d = A^T s` along the eight rows, element-wise over `n` channels (a multiple of the
+/// panel width, so whole vectors only).
+#[inline(always)]
+unsafe fn at8<S: Simd>(s: [*const f32; IN], d: [*mut f32; OUT], n: usize) {
+    debug_assert_eq!(n % S::LANES, 0);
+    let mut c = 0;
+    while c < n {
+        at8_at::<S>(&s, &d, c);
+        c += S::LANES;
+    }
+}
+
+#[inline(always)]
+unsafe fn at8_at<S: Simd>(s: &[*const f32; IN], d: &[*mut f32; OUT], c: usize) {
+    let a: [S::V; IN] = std::array::from_fn(|k| S::load(s[k].add(c)));
+    let k = S::splat;
+    let (p12, m12) = (S::add(a[1], a[2]), S::sub(a[1], a[2]));
+    let (p34, m34) = (S::add(a[3], a[4]), S::sub(a[3], a[4]));
+    let (p56, m56) = (S::add(a[5], a[6]), S::sub(a[5], a[6]));
+    S::store(d[0].add(c), S::add(S::add(a[0], p12), S::add(p34, p56)));
+    S::store(d[1].add(c), S::fma(k(0.5), m56, S::fma(k(2.0), m34, m12)));
+    S::store(d[2].add(c), S::fma(k(0.25), p56, S::fma(k(4.0), p34, p12)));
+    S::store(d[3].add(c), S::fma(k(0.125), m56, S::fma(k(8.0), m34, m12)));
+    S::store(
+        d[4].add(c),
+        S::fma(k(0.0625), p56, S::fma(k(16.0), p34, p12)),
+    );
+    S::store(
+        d[5].add(c),
+        S::add(S::fma(k(0.03125), m56, S::fma(k(32.0), m34, m12)), a[7]),
+    );
 }
 
 /// Where `run_raw` reads and writes: channels-last buffers, `*_stride` floats per pixel.
@@ -428,54 +771,6 @@ struct Block {
     block: usize,
 }
 
-/// The instruction set the element-wise loops are compiled for, chosen once at run time.
-#[derive(Debug, Clone, Copy)]
-enum SimdLevel {
-    Baseline,
-    #[cfg(target_arch = "x86_64")]
-    Avx2,
-    #[cfg(target_arch = "x86_64")]
-    Avx512,
-}
-
-impl SimdLevel {
-    fn detect() -> Self {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma") {
-                return Self::Avx512;
-            }
-            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                return Self::Avx2;
-            }
-        }
-        Self::Baseline
-    }
-
-    fn dispatch(self, conv: &Conv3x3, work: Block, scratch: &mut Scratch) {
-        match self {
-            Self::Baseline => conv.process(work, scratch),
-            // SAFETY: `detect` saw these features on this CPU.
-            #[cfg(target_arch = "x86_64")]
-            Self::Avx2 => unsafe { process_avx2(conv, work, scratch) },
-            #[cfg(target_arch = "x86_64")]
-            Self::Avx512 => unsafe { process_avx512(conv, work, scratch) },
-        }
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn process_avx2(conv: &Conv3x3, work: Block, scratch: &mut Scratch) {
-    conv.process(work, scratch)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
-unsafe fn process_avx512(conv: &Conv3x3, work: Block, scratch: &mut Scratch) {
-    conv.process(work, scratch)
-}
-
 struct Geometry {
     h: usize,
     w: usize,
@@ -494,7 +789,8 @@ struct Scratch {
 }
 
 thread_local! {
-    /// Each thread's scratch, kept between calls: a network makes hundreds of calls per pass.
+    /// Each thread's scratch, kept between calls: a network makes hundreds of calls per
+    /// pass, and the buffers only grow (to the widest convolution's block).
     static SCRATCH: std::cell::RefCell<Scratch> = const {
         std::cell::RefCell::new(Scratch {
             patch: Vec::new(),
@@ -508,8 +804,8 @@ thread_local! {
 }
 
 impl Scratch {
-    /// Runs `f` with this thread's scratch, grown to fit `block` tiles of `cin -> cout`.
-    fn with<R>(block: usize, cin: usize, cout: usize, f: impl FnOnce(&mut Self) -> R) -> R {
+    /// Runs `f` with this thread's scratch, grown to fit `block` tiles of `cin -> cout_pad`.
+    fn with<R>(block: usize, cin: usize, cout_pad: usize, f: impl FnOnce(&mut Self) -> R) -> R {
         SCRATCH.with(|cell| {
             let mut guard = cell.borrow_mut();
             let s = &mut *guard;
@@ -517,9 +813,9 @@ impl Scratch {
                 (&mut s.patch, POS * cin),
                 (&mut s.tmp_in, POS * cin),
                 (&mut s.v, POS * block * cin),
-                (&mut s.m, POS * block * cout),
-                (&mut s.tmp_out, OUT * IN * cout),
-                (&mut s.y, OUT * OUT * cout),
+                (&mut s.m, POS * block * cout_pad),
+                (&mut s.tmp_out, OUT * IN * cout_pad),
+                (&mut s.y, OUT * OUT * cout_pad),
             ] {
                 if buf.len() < len {
                     buf.resize(len, 0.0);
@@ -530,110 +826,24 @@ impl Scratch {
     }
 }
 
-/// Six rows of `len` values, `stride` apart, starting at `offset`.
-#[inline(always)]
-fn strided(buf: &[f32], offset: usize, stride: usize, len: usize) -> [&[f32]; IN] {
-    std::array::from_fn(|k| &buf[offset + k * stride..][..len])
+/// The convolution as a candle op on an NHWC tensor, optionally of the 2x nearest-upsampled
+/// input (`Conv3x3::forward_upsampled`).
+struct Op<'a> {
+    conv: &'a Conv3x3,
+    upsample: bool,
+    isa: Isa,
 }
 
-#[inline(always)]
-fn strided_mut<const N: usize>(
-    buf: &mut [f32],
-    offset: usize,
-    stride: usize,
-    len: usize,
-) -> [&mut [f32]; N] {
-    let mut rows = buf[offset..].chunks_mut(stride).map(|c| &mut c[..len]);
-    std::array::from_fn(|_| rows.next().expect("buffer holds every row"))
-}
-
-/// `d = B^T s` along the eight rows, element-wise over the channels.
-#[inline(always)]
-fn bt8(s: [&[f32]; IN], d: [&mut [f32]; IN]) {
-    let [s0, s1, s2, s3, s4, s5, s6, s7] = s;
-    let [d0, d1, d2, d3, d4, d5, d6, d7] = d;
-    let n = d0.len();
-    let (s0, s1, s2, s3) = (&s0[..n], &s1[..n], &s2[..n], &s3[..n]);
-    let (s4, s5, s6, s7) = (&s4[..n], &s5[..n], &s6[..n], &s7[..n]);
-    let (d1, d2, d3) = (&mut d1[..n], &mut d2[..n], &mut d3[..n]);
-    let (d4, d5, d6, d7) = (&mut d4[..n], &mut d5[..n], &mut d6[..n], &mut d7[..n]);
-    for c in 0..n {
-        let (a0, a1, a2, a3) = (s0[c], s1[c], s2[c], s3[c]);
-        let (a4, a5, a6, a7) = (s4[c], s5[c], s6[c], s7[c]);
-        d0[c] = a0 - a6 + 5.25 * (a4 - a2);
-        d7[c] = a7 - a1 + 5.25 * (a3 - a5);
-        let (e, o) = (a2 + a6 - 4.25 * a4, a1 + a5 - 4.25 * a3);
-        d1[c] = e + o;
-        d2[c] = e - o;
-        let (e, o) = (a6 + 0.25 * a2 - 1.25 * a4, 0.5 * a1 - 2.5 * a3 + 2.0 * a5);
-        d3[c] = e + o;
-        d4[c] = e - o;
-        let (e, o) = (a6 + 4.0 * a2 - 5.0 * a4, 2.0 * a1 - 2.5 * a3 + 0.5 * a5);
-        d5[c] = e + o;
-        d6[c] = e - o;
-    }
-}
-
-/// `d = A^T s` along the eight rows, element-wise over the channels.
-#[inline(always)]
-fn at8(s: [&[f32]; IN], d: [&mut [f32]; OUT]) {
-    let [s0, s1, s2, s3, s4, s5, s6, s7] = s;
-    let [d0, d1, d2, d3, d4, d5] = d;
-    let n = d0.len();
-    let (s0, s1, s2, s3) = (&s0[..n], &s1[..n], &s2[..n], &s3[..n]);
-    let (s4, s5, s6, s7) = (&s4[..n], &s5[..n], &s6[..n], &s7[..n]);
-    let (d1, d2, d3, d4, d5) = (
-        &mut d1[..n],
-        &mut d2[..n],
-        &mut d3[..n],
-        &mut d4[..n],
-        &mut d5[..n],
-    );
-    for c in 0..n {
-        let (a1, a2, a3, a4, a5, a6) = (s1[c], s2[c], s3[c], s4[c], s5[c], s6[c]);
-        let (p12, m12, p34, m34, p56, m56) = (a1 + a2, a1 - a2, a3 + a4, a3 - a4, a5 + a6, a5 - a6);
-        d0[c] = s0[c] + p12 + p34 + p56;
-        d1[c] = m12 + 2.0 * m34 + 0.5 * m56;
-        d2[c] = p12 + 4.0 * p34 + 0.25 * p56;
-        d3[c] = m12 + 8.0 * m34 + 0.125 * m56;
-        d4[c] = p12 + 16.0 * p34 + 0.0625 * p56;
-        d5[c] = m12 + 32.0 * m34 + 0.03125 * m56 + s7[c];
-    }
-}
-
-impl CustomOp1 for Conv3x3 {
+impl CustomOp1 for Op<'_> {
     fn name(&self) -> &'static str {
         "winograd-conv3x3"
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        self.apply(storage, layout, false)
-    }
-}
-
-/// The convolution of the 2x nearest-upsampled input (`Conv3x3::forward_upsampled`).
-struct Upsampled<'a>(&'a Conv3x3);
-
-impl CustomOp1 for Upsampled<'_> {
-    fn name(&self) -> &'static str {
-        "winograd-conv3x3-upsampled"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        self.0.apply(storage, layout, true)
-    }
-}
-
-impl Conv3x3 {
-    fn apply(
-        &self,
-        storage: &CpuStorage,
-        layout: &Layout,
-        upsample: bool,
-    ) -> Result<(CpuStorage, Shape)> {
+        let conv = self.conv;
         let (n, h, w, c) = layout.shape().dims4()?;
-        if c != self.cin {
-            candle_core::bail!("Conv3x3: input has {c} channels, expected {}", self.cin);
+        if c != conv.cin {
+            candle_core::bail!("Conv3x3: input has {c} channels, expected {}", conv.cin);
         }
         let CpuStorage::F32(data) = storage else {
             candle_core::bail!("Conv3x3 takes f32 input");
@@ -641,9 +851,16 @@ impl Conv3x3 {
         let Some((start, end)) = layout.contiguous_offsets() else {
             candle_core::bail!("Conv3x3 takes a contiguous input");
         };
-        let (h, w) = if upsample { (2 * h, 2 * w) } else { (h, w) };
-        let out = self.run(&data[start..end], n, h, w, upsample);
-        Ok((CpuStorage::F32(out), Shape::from((n, h, w, self.cout))))
+        if !self.isa.supported() {
+            candle_core::bail!("this CPU cannot run the {} path", self.isa.name());
+        }
+        let (h, w) = if self.upsample {
+            (2 * h, 2 * w)
+        } else {
+            (h, w)
+        };
+        let out = conv.run(&data[start..end], n, h, w, self.upsample, self.isa);
+        Ok((CpuStorage::F32(out), Shape::from((n, h, w, conv.cout))))
     }
 }
 
@@ -678,29 +895,32 @@ mod tests {
 
     #[test]
     fn unrolled_transforms_match_their_matrices() {
+        // Six channels: one SSE vector and two single lanes.
         let s: Vec<Vec<f32>> = (0..IN)
-            .map(|k| vec![(k * k) as f32 * 0.37 - 1.1, k as f32])
+            .map(|k| {
+                (0..6)
+                    .map(|c| (k * k) as f32 * 0.37 - 1.1 + c as f32)
+                    .collect()
+            })
             .collect();
-        let rows: [&[f32]; IN] = std::array::from_fn(|k| s[k].as_slice());
         let want =
             |row: &[f64; IN], c: usize| -> f64 { (0..IN).map(|k| row[k] * s[k][c] as f64).sum() };
-        let mut d = vec![vec![0f32; 2]; IN];
-        {
-            let mut it = d.iter_mut().map(|r| r.as_mut_slice());
-            bt8(rows, std::array::from_fn(|_| it.next().unwrap()));
-        }
+        let rows: [*const f32; IN] = std::array::from_fn(|k| s[k].as_ptr());
+        let mut d = vec![vec![0f32; 6]; IN];
+        let dst: [*mut f32; IN] = std::array::from_fn(|k| d[k].as_mut_ptr());
+        unsafe { bt8::<Sse>(rows, dst, 6) };
         for (i, (row, got)) in BT.iter().zip(&d).enumerate() {
             for (c, &v) in got.iter().enumerate() {
                 assert!((v as f64 - want(row, c)).abs() < 1e-4, "B^T row {i}");
             }
         }
-        let mut d = vec![vec![0f32; 2]; OUT];
-        {
-            let mut it = d.iter_mut().map(|r| r.as_mut_slice());
-            at8(rows, std::array::from_fn(|_| it.next().unwrap()));
-        }
+        let mut d = vec![vec![0f32; 8]; OUT];
+        let dst: [*mut f32; OUT] = std::array::from_fn(|k| d[k].as_mut_ptr());
+        let s8: Vec<Vec<f32>> = s.iter().map(|r| [&r[..], &r[..2]].concat()).collect();
+        let rows: [*const f32; IN] = std::array::from_fn(|k| s8[k].as_ptr());
+        unsafe { at8::<Sse>(rows, dst, 8) };
         for (a, (row, got)) in AT.iter().zip(&d).enumerate() {
-            for (c, &v) in got.iter().enumerate() {
+            for (c, &v) in got.iter().take(6).enumerate() {
                 assert!((v as f64 - want(row, c)).abs() < 1e-3, "A^T row {a}");
             }
         }
@@ -770,17 +990,18 @@ mod tests {
     /// shows as 1e-2 or more.
     const TOLERANCE: f32 = 6e-5;
 
+    /// Compares every ISA path this CPU has with candle on one random convolution.
     fn check(n: usize, h: usize, w: usize, cin: usize, cout: usize, act: Activation) {
         let x = Tensor::randn(0f32, 1.0, (n, h, w, cin), &Device::Cpu).unwrap();
         let (conv, weight, bias) = random_conv(cin, cout, act.clone());
-        let worst = close(
-            &conv.forward(&x).unwrap(),
-            &reference(&x, &weight, &bias, &act).unwrap(),
-        );
-        assert!(
-            worst < TOLERANCE,
-            "n{n} {h}x{w} {cin}->{cout} {act:?}: worst relative difference {worst}"
-        );
+        let want = reference(&x, &weight, &bias, &act).unwrap();
+        for isa in Isa::available() {
+            let worst = close(&conv.forward_isa(&x, isa).unwrap(), &want);
+            assert!(
+                worst < TOLERANCE,
+                "{isa:?} n{n} {h}x{w} {cin}->{cout} {act:?}: worst relative difference {worst}"
+            );
+        }
     }
 
     #[test]
@@ -813,6 +1034,35 @@ mod tests {
         check(2, 6, 5, 3, 4, Activation::None);
         check(1, 21, 19, 64, 32, Activation::LeakyRelu(0.2));
         check(1, 67, 70, 4, 3, Activation::None);
+    }
+
+    /// The networks' shapes: RRDBNet's widest dense convolution, SRVGGNet's last (three
+    /// panels: an odd one left for the two-panel AVX-512 kernel), the 3-channel output.
+    #[test]
+    fn network_shapes_on_every_isa() {
+        check(1, 25, 31, 192, 32, Activation::LeakyRelu(0.2));
+        let slopes = (0..64).map(|i| 0.01 * i as f32 - 0.3).collect();
+        check(1, 14, 13, 64, 64, Activation::PRelu(slopes));
+        check(1, 13, 14, 64, 48, Activation::None);
+        check(1, 19, 8, 64, 3, Activation::None);
+        check(1, 7, 11, 3, 64, Activation::None);
+    }
+
+    /// The ISA paths agree with each other to rounding on the same convolution.
+    #[test]
+    fn isa_paths_agree() {
+        let x = Tensor::randn(0f32, 1.0, (1, 37, 29, 96), &Device::Cpu).unwrap();
+        let (conv, _, _) = random_conv(96, 32, Activation::LeakyRelu(0.2));
+        let outs: Vec<(Isa, Tensor)> = Isa::available()
+            .into_iter()
+            .map(|isa| (isa, conv.forward_isa(&x, isa).unwrap()))
+            .collect();
+        for (isa, out) in &outs[1..] {
+            let diff = close(out, &outs[0].1);
+            assert!(diff < TOLERANCE, "{isa:?} against {:?}: {diff}", outs[0].0);
+        }
+        assert!(Isa::available().contains(&Isa::Baseline));
+        assert!(Isa::available().contains(&Isa::detect()));
     }
 
     fn close(a: &Tensor, b: &Tensor) -> f32 {
@@ -849,8 +1099,10 @@ mod tests {
                 .contiguous()
                 .unwrap();
             let want = reference(&up, &weight, &bias, &Activation::LeakyRelu(0.2)).unwrap();
-            let got = conv.forward_upsampled(&x).unwrap();
-            assert!(close(&got, &want) < TOLERANCE, "{h}x{w}");
+            for isa in Isa::available() {
+                let got = conv.forward_upsampled_isa(&x, isa).unwrap();
+                assert!(close(&got, &want) < TOLERANCE, "{isa:?} {h}x{w}");
+            }
         }
     }
 
@@ -858,6 +1110,12 @@ mod tests {
     /// the output itself (as RRDBNet's trunk uses them).
     #[test]
     fn strided_io_and_residual_epilogue() {
+        for isa in Isa::available() {
+            strided_io_and_residual_epilogue_on(isa);
+        }
+    }
+
+    fn strided_io_and_residual_epilogue_on(isa: Isa) {
         let (n, h, w, stride) = (2, 7, 9, 12);
         let (conv, weight, bias) = random_conv(5, 4, Activation::None);
         let dev = Device::Cpu;
@@ -894,10 +1152,10 @@ mod tests {
             upsample: false,
         };
         // SAFETY: reads channels 0..5, writes 6..10 of the same buffer; residuals per pixel.
-        unsafe { conv.run_raw(io, n, h, w) };
+        unsafe { conv.run_raw_isa(io, n, h, w, isa) };
         let after = Tensor::from_vec(data, (n, h, w, stride), &dev).unwrap();
         let got = after.narrow(3, 6, 4).unwrap();
-        assert!(close(&got, &want) < TOLERANCE);
+        assert!(close(&got, &want) < TOLERANCE, "{isa:?}");
         // Channels outside the output are untouched.
         let untouched = |t: &Tensor| {
             Tensor::cat(
