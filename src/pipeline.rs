@@ -5,11 +5,11 @@
 
 use std::ops::ControlFlow;
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use image::DynamicImage;
 
 use crate::imaging::{self, ImagingError, OutputFormat, PixelWriter, Planes};
-use crate::model::tiling::{self, TileSink};
+use crate::model::tiling::{self, TileSink, TileView};
 use crate::model::{Arch, Model, ModelError, Progress, TileOptions};
 
 /// Default working-memory budget for one forward pass when the tile size is automatic.
@@ -146,13 +146,10 @@ struct WriterSink<'a> {
 }
 
 impl TileSink for WriterSink<'_> {
-    fn put(&mut self, x: usize, y: usize, tile: &Tensor) -> Result<(), ModelError> {
-        let (_, _, h, w) = tile.dims4()?;
-        let vals = tile
-            .to_device(&Device::Cpu)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
-        self.writer.put_tile(x, y, w, h, &vals, self.is_alpha);
+    fn put(&mut self, x: usize, y: usize, tile: &TileView<'_>) -> Result<(), ModelError> {
+        let (w, h) = (tile.width(), tile.height());
+        self.writer
+            .put_rows(x, y, w, h, |c, row| tile.row(c, row), self.is_alpha);
         Ok(())
     }
 }

@@ -6,9 +6,11 @@ mod common;
 
 use std::ops::ControlFlow;
 
+use image::DynamicImage;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use upscaler::imaging;
+use upscaler::model::{Isa, Model};
 use upscaler::pipeline::{enhance, AlphaMode, EnhanceOptions, TileSize};
 
 #[derive(Deserialize)]
@@ -57,6 +59,27 @@ fn run_case(case: &Case) {
 
     let model = common::model(&case.model);
     assert_eq!(model.scale(), case.scale);
+    // Every instruction-set path this CPU has, so an AVX2-only bug can't hide behind AVX-512.
+    for isa in Isa::available() {
+        let model = model.with_isa(isa).unwrap();
+        run_case_on(
+            case,
+            &model,
+            &input,
+            &expected,
+            &format!("{} [{}]", case.expected, isa.name()),
+        );
+    }
+}
+
+fn run_case_on(
+    case: &Case,
+    model: &Model,
+    input: &DynamicImage,
+    expected: &DynamicImage,
+    label: &str,
+) {
+    let expected_px = expected.as_bytes();
     let opts = EnhanceOptions {
         tile: TileSize::Fixed(case.tile),
         tile_pad: case.tile_pad,
@@ -64,28 +87,23 @@ fn run_case(case: &Case) {
         alpha: AlphaMode::Network,
         ..Default::default()
     };
-    let out = enhance(&model, &input, &opts, &mut |_| ControlFlow::Continue(())).unwrap();
+    let out = enhance(model, input, &opts, &mut |_| ControlFlow::Continue(())).unwrap();
     assert_eq!(
         (out.width(), out.height()),
         (expected.width(), expected.height())
     );
-    assert_eq!(
-        out.color(),
-        expected.color(),
-        "{}: colour type",
-        case.expected
-    );
+    assert_eq!(out.color(), expected.color(), "{}: colour type", label);
     let (max, same) = common::compare(out.as_bytes(), expected_px);
     eprintln!(
         "{}: max abs diff {max}, identical {:.4}%",
-        case.expected,
+        label,
         same * 100.0
     );
-    assert!(max <= 1, "{}: max abs diff {max} > 1", case.expected);
+    assert!(max <= 1, "{label}: max abs diff {max} > 1");
     assert!(
         same >= 0.995,
         "{}: only {:.3}% identical",
-        case.expected,
+        label,
         same * 100.0
     );
 }

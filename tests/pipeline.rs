@@ -9,7 +9,7 @@ use candle_core::{Device, Tensor};
 use image::{DynamicImage, ImageBuffer, Luma, Rgb, RgbImage, Rgba, RgbaImage};
 use upscaler::imaging::{self, ImagingError, OutputFormat};
 use upscaler::model::tiling::{self, run_to_tensor};
-use upscaler::model::{self, Model, ModelError, Network, Progress, TileOptions};
+use upscaler::model::{self, Isa, Model, ModelError, Network, Progress, TileOptions};
 use upscaler::pipeline::{
     enhance, enhance_bytes, AlphaMode, EnhanceOptions, PipelineError, TileSize,
 };
@@ -395,7 +395,7 @@ fn automatic_tiles_fit_the_budget_and_match_the_whole_image() {
         "small images run whole"
     );
     let tile = tiling::auto_tile(arch, 4 << 20, 10, 500, 500);
-    assert!((16..500).contains(&tile) && tile % 8 == 0, "tile {tile}");
+    assert!((16..500).contains(&tile) && tile.is_multiple_of(8), "tile {tile}");
     let per_px = arch.peak_bytes_per_input_pixel();
     assert!(((tile + 20) * (tile + 20)) as u64 * per_px <= 4 << 20 || tile == 16);
 
@@ -488,15 +488,47 @@ fn fast_path_matches_the_reference_networks() {
         let reference = model.reference();
         for (w, h) in [(6, 10), (14, 6)] {
             let x = input_tensor(&picture(w, h));
-            let fast = model.forward(&x).unwrap();
             let want = reference.forward(&x).unwrap();
-            let diff = max_abs_diff(&fast, &want);
-            // Outputs are in [0, 1]; one 8-bit step is 0.0039.
-            assert!(
-                diff < 2e-4,
-                "{} {w}x{h}: fast and reference differ by {diff}",
-                model.spec().name
-            );
+            for isa in Isa::available() {
+                let fast = model.with_isa(isa).unwrap().forward(&x).unwrap();
+                let diff = max_abs_diff(&fast, &want);
+                // Outputs are in [0, 1]; one 8-bit step is 0.0039.
+                assert!(
+                    diff < 2e-4,
+                    "{} {w}x{h} on {isa:?}: fast and reference differ by {diff}",
+                    model.spec().name
+                );
+            }
         }
     }
+}
+
+/// The fast path keeps its working memory between passes: a pass of a size seen before
+/// grows nothing, a smaller one reuses it, and only a larger one adds memory.
+#[test]
+fn passes_reuse_their_working_memory() {
+    let model = (*common::model(FAST))
+        .clone()
+        .with_isa(Isa::detect())
+        .unwrap();
+    assert_eq!(
+        model.arena_bytes(),
+        0,
+        "a fresh model holds no working memory"
+    );
+    let pass = |w, h| model.forward(&input_tensor(&picture(w, h))).unwrap();
+    let first = pass(24, 20);
+    let held = model.arena_bytes();
+    assert!(held > 0, "the pass's buffers are kept");
+    let again = pass(24, 20);
+    assert_eq!(model.arena_bytes(), held, "the same size reuses them");
+    assert_eq!(
+        max_abs_diff(&first, &again),
+        0.0,
+        "and leaves no trace in the result"
+    );
+    pass(12, 10);
+    assert_eq!(model.arena_bytes(), held, "a smaller pass fits in them");
+    pass(40, 36);
+    assert!(model.arena_bytes() > held, "a larger pass grows them");
 }

@@ -167,11 +167,29 @@ impl PixelWriter {
         is_alpha: bool,
     ) {
         assert_eq!(planes.len(), 3 * w * h, "tile is not (3, {h}, {w})");
-        let n = w * h;
+        let row_of = |c: usize, row: usize| &planes[(c * h + row) * w..][..w];
+        self.put_rows(x, y, w, h, row_of, is_alpha);
+    }
+
+    /// `put_tile` with the tile's three planes read a row at a time: `rows(c, row)` gives
+    /// the `w` values of channel `c` at `row`.
+    pub fn put_rows<'a>(
+        &mut self,
+        x: usize,
+        y: usize,
+        w: usize,
+        h: usize,
+        rows: impl Fn(usize, usize) -> &'a [f32],
+        is_alpha: bool,
+    ) {
         for row in 0..h {
+            let (rr, gg, bb) = (rows(0, row), rows(1, row), rows(2, row));
+            assert!(
+                rr.len() == w && gg.len() == w && bb.len() == w,
+                "rows of {w}"
+            );
             for col in 0..w {
-                let i = row * w + col;
-                let (r, g, b) = (planes[i], planes[n + i], planes[2 * n + i]);
+                let (r, g, b) = (rr[col], gg[col], bb[col]);
                 let base = ((y + row) * self.width + x + col) * self.channels;
                 if is_alpha {
                     let v = self.quantize(Self::gray(r, g, b));

@@ -4,18 +4,22 @@
 //! This module knows candle and the weight formats only; it never decodes images or talks to
 //! the network. Inputs and outputs are `(1, 3, H, W)` tensors with values in `[0, 1]`.
 
+pub mod arena;
 pub mod fastconv;
+mod layout;
 pub mod ncnn;
 pub mod registry;
 pub mod rrdbnet;
+pub mod simd;
 pub mod srvgg;
 pub mod tiling;
 pub mod weights;
 
 use candle_core::{Device, Module, Tensor};
 
+pub use fastconv::Isa;
 pub use registry::{find, Arch, ModelSpec, REGISTRY};
-pub use tiling::{Progress, TileOptions};
+pub use tiling::{Progress, TileOptions, TileView};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -37,6 +41,8 @@ pub enum ModelError {
         expected: Vec<usize>,
         got: Vec<usize>,
     },
+    #[error("invalid input: {0}")]
+    Input(String),
     #[error("invalid tiling: {0}")]
     Tiling(String),
     #[error("cancelled")]
@@ -90,13 +96,56 @@ impl FastNetwork {
             Network::SrVgg(n) => Self::SrVgg(srvgg::FastSrVgg::new(n)?),
         })
     }
-}
 
-impl Module for FastNetwork {
-    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+    /// One pass on a `(1, C, H, W)` input in `arena`'s buffers, on the `isa` path; `f` sees
+    /// the output planes where the pass left them.
+    pub fn forward_with<R>(
+        &self,
+        xs: &Tensor,
+        arena: &mut arena::Arena,
+        isa: Isa,
+        f: impl FnOnce(TileView<'_>) -> Result<R, ModelError>,
+    ) -> Result<R, ModelError> {
+        let (n, c, h, w) = xs.dims4()?;
+        if n != 1 {
+            return Err(ModelError::Input(format!(
+                "one image per pass, got a batch of {n}"
+            )));
+        }
         match self {
-            Self::RrdbNet(n) => n.forward(xs),
-            Self::SrVgg(n) => n.forward(xs),
+            Self::SrVgg(net) => {
+                if c != net.channels() {
+                    return Err(ModelError::Input(format!(
+                        "the model takes {} channels, got {c}",
+                        net.channels()
+                    )));
+                }
+                let s = net.upscale();
+                layout::with_cpu_slice(xs, |x| {
+                    net.run(x, h, w, arena, isa, |out| {
+                        f(TileView::whole(out, c, h * s, w * s))
+                    })
+                })
+            }
+            Self::RrdbNet(net) => {
+                let xs = match net.unshuffle() {
+                    1 => xs.clone(),
+                    r => candle_nn::ops::pixel_unshuffle(xs, r)?,
+                };
+                let (_, cin, bh, bw) = xs.dims4()?;
+                if cin != net.in_channels() {
+                    return Err(ModelError::Input(format!(
+                        "the model takes {} channels, got {c}",
+                        net.in_channels() / (net.unshuffle() * net.unshuffle())
+                    )));
+                }
+                let cout = net.out_channels();
+                layout::with_cpu_slice(&xs, |x| {
+                    net.run(x, bh, bw, arena, isa, |out| {
+                        f(TileView::whole(out, cout, 4 * bh, 4 * bw))
+                    })
+                })
+            }
         }
     }
 }
@@ -108,6 +157,10 @@ pub struct Model {
     net: Network,
     /// Used instead of `net` when present (on the CPU).
     fast: Option<FastNetwork>,
+    /// The fast path's working memory, shared by clones (see `arena`).
+    arenas: arena::ArenaPool,
+    /// The instruction-set path of the fast convolutions.
+    isa: Isa,
     device: Device,
 }
 
@@ -122,6 +175,8 @@ impl Model {
             spec,
             net,
             fast,
+            arenas: arena::ArenaPool::default(),
+            isa: Isa::active(),
             device,
         })
     }
@@ -135,11 +190,36 @@ impl Model {
         }
     }
 
+    /// The same model on another instruction-set path of the fast convolution (for tests
+    /// and measurements); refused if this CPU lacks it.
+    pub fn with_isa(&self, isa: Isa) -> Result<Self, ModelError> {
+        if !isa.supported() {
+            return Err(ModelError::Input(format!(
+                "this CPU cannot run the {} path",
+                isa.name()
+            )));
+        }
+        Ok(Self {
+            isa,
+            arenas: arena::ArenaPool::default(),
+            ..self.clone()
+        })
+    }
+
     /// Whether forward passes take the fast path.
     pub fn is_fast(&self) -> bool {
         self.fast.is_some()
     }
 
+    /// The instruction-set path of the fast convolutions, if the fast path runs.
+    pub fn isa(&self) -> Option<Isa> {
+        self.fast.as_ref().map(|_| self.isa)
+    }
+
+    /// Bytes of working memory the fast path keeps between passes.
+    pub fn arena_bytes(&self) -> usize {
+        self.arenas.idle_bytes()
+    }
     /// Loads `spec` from a weights file (safetensors, `.pth`, or an ncnn `.param` with its `.bin`).
     pub fn load(
         spec: &ModelSpec,
@@ -169,9 +249,30 @@ impl Model {
 
     /// Runs the network on a `(1, 3, H, W)` input without tiling.
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor, ModelError> {
-        Ok(match &self.fast {
-            Some(fast) => fast.forward(xs)?,
-            None => self.net.forward(xs)?,
-        })
+        if self.fast.is_none() {
+            return Ok(self.net.forward(xs)?);
+        }
+        self.forward_with(xs, |out| out.to_tensor(&self.device))
+    }
+
+    /// Runs the network on a `(1, 3, H, W)` input without tiling and hands `f` the output
+    /// planes. On the fast path they are read straight from the pass's working memory,
+    /// so a steady stream of passes allocates nothing for its activations or output.
+    pub fn forward_with<R>(
+        &self,
+        xs: &Tensor,
+        f: impl FnOnce(TileView<'_>) -> Result<R, ModelError>,
+    ) -> Result<R, ModelError> {
+        match &self.fast {
+            Some(fast) => self
+                .arenas
+                .with(|arena| fast.forward_with(xs, arena, self.isa, f)),
+            None => {
+                let out = self.net.forward(xs)?;
+                let (_, c, h, w) = out.dims4()?;
+                let data: Vec<f32> = out.to_device(&Device::Cpu)?.flatten_all()?.to_vec1()?;
+                f(TileView::whole(&data, c, h, w))
+            }
+        }
     }
 }

@@ -7,7 +7,11 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{conv2d, Conv2d, Conv2dConfig, VarBuilder};
 
-use super::fastconv::{Activation, Conv3x3, Epilogue, Io, Residual};
+use rayon::prelude::*;
+
+use super::arena::Arena;
+use super::fastconv::{Activation, Conv3x3, Epilogue, Io, Isa, Residual};
+use super::layout;
 
 /// Shape of an RRDBNet. `scale` is the overall upscaling factor (1, 2 or 4); for 1 and 2 the
 /// input is pixel-unshuffled first, exactly as BasicSR does, so the body always works at a
@@ -287,23 +291,86 @@ impl FastRrdbNet {
         })
     }
 
+    /// The pixel-unshuffle factor applied to the input before the first convolution.
+    pub fn unshuffle(&self) -> usize {
+        match self.scale {
+            2 => 2,
+            1 => 4,
+            _ => 1,
+        }
+    }
+
+    /// Channels the first convolution takes (after the unshuffle).
+    pub fn in_channels(&self) -> usize {
+        self.conv_first.in_channels()
+    }
+
+    pub fn out_channels(&self) -> usize {
+        self.conv_last.out_channels()
+    }
+
+    /// One pass on `x`, the `(cin, h, w)` input planes (pixel-unshuffled already for
+    /// scales 1 and 2), in `arena`; `f` sees the `(out_ch, 4h, 4w)` output planes.
+    pub(crate) fn run<R>(
+        &self,
+        x: &[f32],
+        h: usize,
+        w: usize,
+        arena: &mut Arena,
+        isa: Isa,
+        f: impl FnOnce(&[f32]) -> R,
+    ) -> R {
+        let (cin, nf, stride) = (
+            self.conv_first.in_channels(),
+            self.conv_first.out_channels(),
+            self.stride,
+        );
+        let cout = self.conv_last.out_channels();
+        let px = h * w;
+        let [input, feat, x0, t1, t2, up1, up2, hr, out] = arena.slots([
+            px * cin,
+            px * nf,
+            px * stride,
+            px * stride,
+            px * stride,
+            4 * px * nf.max(cout),
+            16 * px * nf,
+            16 * px * nf,
+            16 * px * cout,
+        ]);
+        layout::nchw_to_nhwc(x, cin, h, w, input);
+        self.conv_first.run_into(input, feat, h, w, false, isa);
+        self.trunk(feat, [x0, t1, t2], h, w, isa);
+        let up1 = &mut up1[..4 * px * nf];
+        self.conv_up1.run_into(feat, up1, 2 * h, 2 * w, true, isa);
+        self.conv_up2.run_into(up1, up2, 4 * h, 4 * w, true, isa);
+        self.conv_hr.run_into(up2, hr, 4 * h, 4 * w, false, isa);
+        // The 4x output goes through the first upsampled buffer, free again by now.
+        let last = &mut up1[..16 * px * cout];
+        self.conv_last.run_into(hr, last, 4 * h, 4 * w, false, isa);
+        layout::nhwc_to_nchw(last, cout, 4 * h, 4 * w, out);
+        f(out)
+    }
+
     /// The trunk: the RRDB blocks and `conv_body`, with the skip from `conv_first`, on
     /// three channels-last buffers of `num_feat + 4 * num_grow_ch` channels per pixel. Each
     /// dense convolution reads the channel prefix it needs and writes its own slice, so
     /// nothing is concatenated, and the residual sums are fused into the last convolution of
-    /// each dense block.
-    fn trunk(&self, feat: &[f32], n: usize, h: usize, w: usize) -> Vec<f32> {
+    /// each dense block. `feat` (`h x w x num_feat`) is the input and receives the output.
+    fn trunk(&self, feat: &mut [f32], bufs: [&mut [f32]; 3], h: usize, w: usize, isa: Isa) {
         let nf = self.conv_first.out_channels();
         let stride = self.stride;
-        let px = n * h * w;
+        let [x, t1, t2] = bufs;
         // x: each RRDB's input, and its output in channels 0..nf; t1, t2: the inputs of the
-        // second and third dense blocks. Channels past nf are the dense blocks' growth.
-        let mut x = vec![0f32; px * stride];
-        let mut t1 = vec![0f32; px * stride];
-        let mut t2 = vec![0f32; px * stride];
-        for (dst, src) in x.chunks_exact_mut(stride).zip(feat.chunks_exact(nf)) {
-            dst[..nf].copy_from_slice(src);
-        }
+        // second and third dense blocks. Channels past nf are the dense blocks' growth, each
+        // written before it is read.
+        x.par_chunks_mut(stride * w)
+            .zip(feat.par_chunks(nf * w))
+            .for_each(|(dst, src)| {
+                for (d, s) in dst.chunks_exact_mut(stride).zip(src.chunks_exact(nf)) {
+                    d[..nf].copy_from_slice(s);
+                }
+            });
         let (x, t1, t2) = (x.as_mut_ptr(), t1.as_mut_ptr(), t2.as_mut_ptr());
         let res = |ptr: *mut f32, scale: f32| Some(Residual { ptr, stride, scale });
         let dense = |convs: &[Conv3x3; 5], src: *mut f32, dst: *mut f32, epilogue: Epilogue| {
@@ -318,7 +385,7 @@ impl FastRrdbNet {
                     upsample: false,
                 };
                 // SAFETY: reads channels [0, c), writes [c, c + grow) of the same buffer.
-                unsafe { conv.run_raw(io, n, h, w) };
+                unsafe { conv.run_raw_isa(io, 1, h, w, isa) };
             }
             let io = Io {
                 src,
@@ -330,7 +397,7 @@ impl FastRrdbNet {
             };
             // SAFETY: reads all of `src`, writes channels [0, nf) of another buffer, whose
             // only other use in this call is as a per-pixel residual.
-            unsafe { convs[4].run_raw(io, n, h, w) };
+            unsafe { convs[4].run_raw_isa(io, 1, h, w, isa) };
         };
         for rrdb in &self.body {
             // A dense block: 0.2 * conv5 + its input.
@@ -347,18 +414,19 @@ impl FastRrdbNet {
             };
             dense(&rrdb[2], t2, x, last);
         }
-        // feat + conv_body(trunk)
-        let mut out = vec![0f32; px * nf];
+        // feat + conv_body(trunk), written over feat: each pixel's residual is read just
+        // before that pixel is written.
+        let feat = feat.as_mut_ptr();
         let io = Io {
             src: x,
             src_stride: stride,
-            dst: out.as_mut_ptr(),
+            dst: feat,
             dst_stride: nf,
             epilogue: Epilogue {
                 scale: 1.0,
                 residuals: [
                     Some(Residual {
-                        ptr: feat.as_ptr(),
+                        ptr: feat,
                         stride: nf,
                         scale: 1.0,
                     }),
@@ -367,32 +435,7 @@ impl FastRrdbNet {
             },
             upsample: false,
         };
-        // SAFETY: separate buffers of `px` pixels each.
-        unsafe { self.conv_body.run_raw(io, n, h, w) };
-        out
+        // SAFETY: `x` and `feat` are separate buffers of `h * w` pixels each.
+        unsafe { self.conv_body.run_raw_isa(io, 1, h, w, isa) };
     }
-}
-
-impl Module for FastRrdbNet {
-    /// `(1, C, H, W)` in, `(1, C, H*scale, W*scale)` out, like `RrdbNet`.
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let feat = match self.scale {
-            2 => candle_nn::ops::pixel_unshuffle(xs, 2)?,
-            1 => candle_nn::ops::pixel_unshuffle(xs, 4)?,
-            _ => xs.clone(),
-        };
-        let feat = self.conv_first.forward(&to_nhwc(&feat)?)?;
-        let (n, h, w, c) = feat.dims4()?;
-        let trunk = self.trunk(&feat.flatten_all()?.to_vec1::<f32>()?, n, h, w);
-        let feat = Tensor::from_vec(trunk, (n, h, w, c), xs.device())?;
-        let feat = self.conv_up1.forward_upsampled(&feat)?;
-        let feat = self.conv_up2.forward_upsampled(&feat)?;
-        let out = self.conv_last.forward(&self.conv_hr.forward(&feat)?)?;
-        out.permute((0, 3, 1, 2))?.contiguous()
-    }
-}
-
-/// NCHW to a contiguous NHWC tensor.
-pub(crate) fn to_nhwc(xs: &Tensor) -> Result<Tensor> {
-    xs.permute((0, 2, 3, 1))?.contiguous()
 }

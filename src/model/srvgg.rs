@@ -7,8 +7,9 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{conv2d, Conv2d, Conv2dConfig, PReLU, VarBuilder};
 
-use super::fastconv::{Activation, Conv3x3};
-use super::rrdbnet::to_nhwc;
+use super::arena::Arena;
+use super::fastconv::{Activation, Conv3x3, Isa};
+use super::layout;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -100,9 +101,11 @@ impl Module for SrVggNetCompact {
 }
 
 /// The same network on the fast CPU path: channels-last activations and Winograd
-/// convolutions with PReLU fused (see `fastconv`). Built from a loaded `SrVggNetCompact`.
+/// convolutions with PReLU fused (see `fastconv`), working in an arena's buffers. Built from
+/// a loaded `SrVggNetCompact`.
 #[derive(Debug, Clone)]
 pub struct FastSrVgg {
+    channels: usize,
     upscale: usize,
     convs: Vec<Conv3x3>,
 }
@@ -120,24 +123,61 @@ impl FastSrVgg {
         }
         let last = net.convs.last().expect("at least one convolution");
         convs.push(Conv3x3::new(last.weight(), last.bias(), Activation::None)?);
+        let cfg = &net.cfg;
+        if cfg.num_in_ch != cfg.num_out_ch {
+            candle_core::bail!("SRVGGNet adds its input to its output: in and out channels differ");
+        }
         Ok(Self {
-            upscale: net.cfg.upscale,
+            channels: cfg.num_out_ch,
+            upscale: cfg.upscale,
             convs,
         })
     }
-}
 
-impl Module for FastSrVgg {
-    /// `(1, C, H, W)` in, `(1, C, H*upscale, W*upscale)` out, like `SrVggNetCompact`.
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let mut out = to_nhwc(xs)?;
-        for conv in &self.convs {
-            out = conv.forward(&out)?;
+    pub fn channels(&self) -> usize {
+        self.channels
+    }
+
+    pub fn upscale(&self) -> usize {
+        self.upscale
+    }
+
+    /// One pass on `x`, the `(channels, h, w)` input planes, in `arena`; `f` sees the
+    /// `(channels, h * upscale, w * upscale)` output planes.
+    pub(crate) fn run<R>(
+        &self,
+        x: &[f32],
+        h: usize,
+        w: usize,
+        arena: &mut Arena,
+        isa: Isa,
+        f: impl FnOnce(&[f32]) -> R,
+    ) -> R {
+        let (c, s, px) = (self.channels, self.upscale, h * w);
+        let widest = self
+            .convs
+            .iter()
+            .map(Conv3x3::out_channels)
+            .max()
+            .unwrap_or(0);
+        let [input, a, b, out] = arena.slots([px * c, px * widest, px * widest, c * px * s * s]);
+        layout::nchw_to_nhwc(x, c, h, w, input);
+        let (mut cur, mut next) = (a, b);
+        let first = &self.convs[0];
+        first.run_into(
+            input,
+            &mut cur[..px * first.out_channels()],
+            h,
+            w,
+            false,
+            isa,
+        );
+        for conv in &self.convs[1..] {
+            let (cin, cout) = (conv.in_channels(), conv.out_channels());
+            conv.run_into(&cur[..px * cin], &mut next[..px * cout], h, w, false, isa);
+            std::mem::swap(&mut cur, &mut next);
         }
-        let out = out.permute((0, 3, 1, 2))?.contiguous()?;
-        let out = candle_nn::ops::pixel_shuffle(&out, self.upscale)?;
-        let (_, _, h, w) = xs.dims4()?;
-        let base = xs.upsample_nearest2d(h * self.upscale, w * self.upscale)?;
-        out + base
+        layout::shuffle_add_base(&cur[..px * c * s * s], x, c, h, w, s, out);
+        f(out)
     }
 }

@@ -39,9 +39,90 @@ pub struct Progress {
 }
 
 /// Where finished output tiles go. `x`/`y` are the tile's top-left corner in the final
-/// (cropped) output; `tile` is `(1, C, h, w)` and lies entirely inside the output.
+/// (cropped) output; `tile` lies entirely inside the output.
 pub trait TileSink {
-    fn put(&mut self, x: usize, y: usize, tile: &Tensor) -> Result<(), ModelError>;
+    fn put(&mut self, x: usize, y: usize, tile: &TileView<'_>) -> Result<(), ModelError>;
+}
+
+/// A window of `(C, H, W)` f32 planes: a network's output, or the part of it a tile keeps.
+#[derive(Debug, Clone, Copy)]
+pub struct TileView<'a> {
+    data: &'a [f32],
+    channels: usize,
+    height: usize,
+    width: usize,
+    /// Of the planes the window lies in.
+    full_height: usize,
+    full_width: usize,
+    /// Top-left corner of the window.
+    y: usize,
+    x: usize,
+}
+
+impl<'a> TileView<'a> {
+    /// All of `(channels, height, width)` planes.
+    pub fn whole(data: &'a [f32], channels: usize, height: usize, width: usize) -> Self {
+        assert_eq!(data.len(), channels * height * width, "planes' size");
+        Self {
+            data,
+            channels,
+            height,
+            width,
+            full_height: height,
+            full_width: width,
+            y: 0,
+            x: 0,
+        }
+    }
+
+    /// The `height x width` window at (`y`, `x`) of this one.
+    pub fn crop(&self, y: usize, x: usize, height: usize, width: usize) -> Self {
+        assert!(
+            y + height <= self.height && x + width <= self.width,
+            "crop inside"
+        );
+        Self {
+            height,
+            width,
+            y: self.y + y,
+            x: self.x + x,
+            ..*self
+        }
+    }
+
+    pub fn channels(&self) -> usize {
+        self.channels
+    }
+
+    pub fn height(&self) -> usize {
+        self.height
+    }
+
+    pub fn width(&self) -> usize {
+        self.width
+    }
+
+    /// Row `row` of channel `c`: `width` values.
+    pub fn row(&self, c: usize, row: usize) -> &'a [f32] {
+        assert!(c < self.channels && row < self.height, "row inside");
+        let at = (c * self.full_height + self.y + row) * self.full_width + self.x;
+        &self.data[at..at + self.width]
+    }
+
+    /// A copy as a `(1, C, H, W)` tensor.
+    pub fn to_tensor(&self, device: &Device) -> Result<Tensor, ModelError> {
+        let mut data = Vec::with_capacity(self.channels * self.height * self.width);
+        for c in 0..self.channels {
+            for row in 0..self.height {
+                data.extend_from_slice(self.row(c, row));
+            }
+        }
+        Ok(Tensor::from_vec(
+            data,
+            (1, self.channels, self.height, self.width),
+            device,
+        )?)
+    }
 }
 
 /// Padding RealESRGANer adds so 2x and 1x RRDBNet can pixel-unshuffle the input.
@@ -129,10 +210,11 @@ pub fn run(
     report(0)?;
 
     // Time in the network alone, so the overhead around it can be measured (debug log).
+    // (It includes handing the output to the sink, which reads it where the pass left it.)
     let mut network = std::time::Duration::ZERO;
-    let mut forward = |x: &Tensor| {
+    let mut forward = |x: &Tensor, f: &mut dyn FnMut(TileView<'_>) -> Result<(), ModelError>| {
         let start = std::time::Instant::now();
-        let out = model.forward(x);
+        let out = model.forward_with(x, f);
         network += start.elapsed();
         out
     };
@@ -147,13 +229,14 @@ pub fn run(
     };
 
     if opts.tile == 0 {
-        let out = forward(&padded)?;
-        sink.put(0, 0, &out.narrow(2, 0, out_h)?.narrow(3, 0, out_w)?)?;
+        forward(&padded, &mut |out| {
+            sink.put(0, 0, &out.crop(0, 0, out_h, out_w))
+        })?;
         report(1)?;
         log_split(network);
         return Ok(());
     }
-    if opts.tile % mod_scale(scale) != 0 {
+    if !opts.tile.is_multiple_of(mod_scale(scale)) {
         return Err(ModelError::Tiling(format!(
             "tile {} must be a multiple of {} for a {scale}x model",
             opts.tile,
@@ -172,7 +255,6 @@ pub fn run(
                 .narrow(2, py0, py1 - py0)?
                 .narrow(3, px0, px1 - px0)?
                 .contiguous()?;
-            let out = forward(&input)?;
             // The centre of the tile, clipped to the final output (pre/mod pad is dropped).
             let (oy, ox) = (y0 * scale, x0 * scale);
             let (oh, ow) = ((y1 - y0) * scale, (x1 - x0) * scale);
@@ -180,12 +262,13 @@ pub fn run(
                 oh.min(out_h.saturating_sub(oy)),
                 ow.min(out_w.saturating_sub(ox)),
             );
-            if oh > 0 && ow > 0 {
-                let centre =
-                    out.narrow(2, (y0 - py0) * scale, oh)?
-                        .narrow(3, (x0 - px0) * scale, ow)?;
-                sink.put(ox, oy, &centre)?;
-            }
+            forward(&input, &mut |out| {
+                if oh > 0 && ow > 0 {
+                    let centre = out.crop((y0 - py0) * scale, (x0 - px0) * scale, oh, ow);
+                    sink.put(ox, oy, &centre)?;
+                }
+                Ok(())
+            })?;
             done += 1;
             report(done)?;
         }
@@ -222,17 +305,12 @@ impl AssembleSink {
 }
 
 impl TileSink for AssembleSink {
-    fn put(&mut self, x: usize, y: usize, tile: &Tensor) -> Result<(), ModelError> {
-        let (_, c, h, w) = tile.dims4()?;
-        let vals = tile
-            .to_device(&Device::Cpu)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
-        for ch in 0..c.min(self.channels) {
-            for row in 0..h {
-                let src = &vals[(ch * h + row) * w..][..w];
+    fn put(&mut self, x: usize, y: usize, tile: &TileView<'_>) -> Result<(), ModelError> {
+        let w = tile.width();
+        for ch in 0..tile.channels().min(self.channels) {
+            for row in 0..tile.height() {
                 let dst = (ch * self.height + y + row) * self.width + x;
-                self.data[dst..dst + w].copy_from_slice(src);
+                self.data[dst..dst + w].copy_from_slice(tile.row(ch, row));
             }
         }
         Ok(())
