@@ -173,7 +173,9 @@ enum Command {
         #[arg(short, long)]
         output: PathBuf,
     },
-    /// Time forward passes: seconds per pass and GFLOP/s per model and input size.
+    /// Time forward passes: seconds per pass and GFLOP/s per model and input size, with
+    /// the CPU time, page faults and memory of the timed passes and the instruction set the
+    /// fast path uses (`UPSCALER_ISA=avx2|avx512|baseline` picks another).
     Bench {
         /// Models to run (default: the shipped ones).
         #[arg(long, value_delimiter = ',')]
@@ -617,8 +619,17 @@ fn run(command: Command) -> anyhow::Result<()> {
             };
             if !json {
                 println!(
-                    "{:<24} {:>9} {:>9} {:>10} {:>10} {:>9} {:>10}",
-                    "model", "path", "input", "s/pass", "GFLOP", "GFLOP/s", "peak RSS"
+                    "{:<24} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>9} {:>9} {:>10}",
+                    "model",
+                    "path",
+                    "input",
+                    "s/pass",
+                    "GFLOP/s",
+                    "user s",
+                    "sys s",
+                    "faults",
+                    "peak RSS",
+                    "arena"
                 );
             }
             for name in names {
@@ -634,19 +645,21 @@ fn run(command: Command) -> anyhow::Result<()> {
                     if json {
                         println!("{}", serde_json::to_string(&r)?);
                     } else {
-                        let rss = r
-                            .peak_rss_bytes
-                            .map(|b| format!("{} MiB", b >> 20))
-                            .unwrap_or_default();
+                        let mib = |b: u64| format!("{} MiB", b >> 20);
+                        let rss = r.peak_rss_bytes.map(mib).unwrap_or_default();
+                        let u = r.usage.unwrap_or_default();
                         println!(
-                            "{:<24} {:>9} {:>9} {:>10.3} {:>10.1} {:>9.1} {:>10}",
+                            "{:<24} {:>9} {:>9} {:>9.3} {:>9.1} {:>8.3} {:>8.3} {:>9} {:>9} {:>10}",
                             r.model,
-                            r.path,
+                            r.isa.unwrap_or(r.path),
                             format!("{}x{}", r.width, r.height),
                             r.seconds,
-                            r.gflop,
                             r.gflops_per_s,
-                            rss
+                            u.user_seconds,
+                            u.sys_seconds,
+                            u.minor_faults + u.major_faults,
+                            rss,
+                            mib(model.arena_bytes() as u64)
                         );
                     }
                 }
