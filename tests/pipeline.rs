@@ -395,7 +395,10 @@ fn automatic_tiles_fit_the_budget_and_match_the_whole_image() {
         "small images run whole"
     );
     let tile = tiling::auto_tile(arch, 4 << 20, 10, 500, 500);
-    assert!((16..500).contains(&tile) && tile.is_multiple_of(8), "tile {tile}");
+    assert!(
+        (16..500).contains(&tile) && tile.is_multiple_of(8),
+        "tile {tile}"
+    );
     let per_px = arch.peak_bytes_per_input_pixel();
     assert!(((tile + 20) * (tile + 20)) as u64 * per_px <= 4 << 20 || tile == 16);
 

@@ -31,6 +31,7 @@ impl Arena {
         if buf.len() < len {
             *buf = Vec::new();
             *buf = vec![0.0; len];
+            populate(buf);
         }
         &mut buf[..len]
     }
@@ -52,6 +53,33 @@ impl Arena {
     pub fn bytes(&self) -> usize {
         self.slots.iter().map(|s| s.len() * 4).sum()
     }
+}
+
+/// Faults a freshly allocated buffer in with one call (`MADV_POPULATE_WRITE`, Linux 5.14+)
+/// instead of one page fault per 4 KiB page as it is first written, which costs less kernel
+/// time where faults are expensive (virtual machines). Advice only: an older kernel refuses
+/// it and the pages fault in as they are touched. For buffers about to be written whole.
+pub(crate) fn populate<T: Copy>(buf: &mut [T]) {
+    #[cfg(target_os = "linux")]
+    {
+        const PAGE: usize = 4096;
+        let start = buf.as_mut_ptr() as usize;
+        let end = start + std::mem::size_of_val(buf);
+        let (from, to) = (start.next_multiple_of(PAGE), end / PAGE * PAGE);
+        if to > from {
+            // SAFETY: the range lies inside `buf`'s allocation; the advice changes no
+            // contents (the pages are untouched zeros either way).
+            unsafe {
+                libc::madvise(
+                    from as *mut libc::c_void,
+                    to - from,
+                    libc::MADV_POPULATE_WRITE,
+                )
+            };
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = buf;
 }
 
 /// Arenas not in use, shared by every clone of a network.

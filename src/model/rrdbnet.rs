@@ -327,27 +327,37 @@ impl FastRrdbNet {
         );
         let cout = self.conv_last.out_channels();
         let px = h * w;
-        let [input, feat, x0, t1, t2, up1, up2, hr, out] = arena.slots([
+        let [input, feat, x0, t1, t2, up1, up2, hr] = arena.slots([
             px * cin,
             px * nf,
             px * stride,
             px * stride,
             px * stride,
-            4 * px * nf.max(cout),
+            4 * px * nf.max(4 * cout),
+            16 * px * nf.max(cout),
             16 * px * nf,
-            16 * px * nf,
-            16 * px * cout,
         ]);
         layout::nchw_to_nhwc(x, cin, h, w, input);
         self.conv_first.run_into(input, feat, h, w, false, isa);
         self.trunk(feat, [x0, t1, t2], h, w, isa);
-        let up1 = &mut up1[..4 * px * nf];
-        self.conv_up1.run_into(feat, up1, 2 * h, 2 * w, true, isa);
-        self.conv_up2.run_into(up1, up2, 4 * h, 4 * w, true, isa);
-        self.conv_hr.run_into(up2, hr, 4 * h, 4 * w, false, isa);
+        let up1 = &mut up1[..4 * px * nf.max(4 * cout)];
+        self.conv_up1
+            .run_into(feat, &mut up1[..4 * px * nf], 2 * h, 2 * w, true, isa);
+        self.conv_up2.run_into(
+            &up1[..4 * px * nf],
+            &mut up2[..16 * px * nf],
+            4 * h,
+            4 * w,
+            true,
+            isa,
+        );
+        self.conv_hr
+            .run_into(&up2[..16 * px * nf], hr, 4 * h, 4 * w, false, isa);
         // The 4x output goes through the first upsampled buffer, free again by now.
         let last = &mut up1[..16 * px * cout];
         self.conv_last.run_into(hr, last, 4 * h, 4 * w, false, isa);
+        // And the planes through the second, free since `conv_hr` read it.
+        let out = &mut up2[..16 * px * cout];
         layout::nhwc_to_nchw(last, cout, 4 * h, 4 * w, out);
         f(out)
     }

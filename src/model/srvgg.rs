@@ -160,7 +160,8 @@ impl FastSrVgg {
             .map(Conv3x3::out_channels)
             .max()
             .unwrap_or(0);
-        let [input, a, b, out] = arena.slots([px * c, px * widest, px * widest, c * px * s * s]);
+        let widest = widest.max(c * s * s);
+        let [input, a, b] = arena.slots([px * c, px * widest, px * widest]);
         layout::nchw_to_nhwc(x, c, h, w, input);
         let (mut cur, mut next) = (a, b);
         let first = &self.convs[0];
@@ -177,6 +178,8 @@ impl FastSrVgg {
             conv.run_into(&cur[..px * cin], &mut next[..px * cout], h, w, false, isa);
             std::mem::swap(&mut cur, &mut next);
         }
+        // The output goes into the other buffer, free again by now.
+        let out = &mut next[..c * px * s * s];
         layout::shuffle_add_base(&cur[..px * c * s * s], x, c, h, w, s, out);
         f(out)
     }
