@@ -401,6 +401,33 @@ fn automatic_tiles_fit_the_budget_and_match_the_whole_image() {
     );
     let per_px = arch.peak_bytes_per_input_pixel();
     assert!(((tile + 20) * (tile + 20)) as u64 * per_px <= 4 << 20 || tile == 16);
+    // 1 GiB allows 704-pixel tiles here (2 KB per pixel, 10 of padding). Tiles are as
+    // short as the same number of passes allows: no 704 + 320 split of a 1024 side.
+    assert_eq!(
+        per_px, 2048,
+        "the figures below assume animevideov3's estimate"
+    );
+    assert_eq!(
+        tiling::auto_tile(arch, 1 << 30, 10, 2000, 1300),
+        672,
+        "3 x 672 >= 2000"
+    );
+    assert_eq!(tiling::auto_tile(arch, 1 << 30, 10, 1024, 1024), 512);
+    assert_eq!(
+        tiling::auto_tile(arch, 1 << 30, 10, 1024, 700),
+        704,
+        "one tile across 700"
+    );
+    assert_eq!(tiling::auto_tile(arch, 1 << 30, 10, 1400, 1400), 704);
+    for (h, w) in [(1024, 1024), (1024, 700), (2000, 700), (1401, 999)] {
+        let tile = tiling::auto_tile(arch, 1 << 30, 10, h, w);
+        let passes = |t: usize| h.div_ceil(t) * w.div_ceil(t);
+        assert_eq!(
+            passes(tile),
+            passes(704),
+            "{h}x{w}: as few passes as 704 tiles"
+        );
+    }
 
     let img = DynamicImage::ImageRgb8(picture(48, 40));
     let auto = EnhanceOptions {

@@ -150,16 +150,24 @@ pub fn tile_count(scale: usize, h: usize, w: usize, opts: &TileOptions) -> usize
     ph.div_ceil(opts.tile) * pw.div_ceil(opts.tile)
 }
 
-/// The largest tile whose forward pass fits in `budget_bytes`, or 0 (no tiling) when the
-/// whole image does. Tiles are multiples of 8 and at least 16 pixels.
+/// A tile whose forward pass fits in `budget_bytes`, or 0 (no tiling) when the whole image
+/// does. Tiles are multiples of 8 and at least 16 pixels.
+///
+/// The tile makes as few passes as the largest tile that fits, but no larger than those
+/// passes need: a 1024-pixel side under a 704-pixel limit gets two tiles of 512, not 704
+/// and a sliver of 320. The padded area computed is the same, and the working memory (which
+/// each worker keeps, see `arena`) is sized by the largest tile, so it shrinks.
 pub fn auto_tile(arch: &Arch, budget_bytes: u64, tile_pad: usize, h: usize, w: usize) -> usize {
     let per_px = arch.peak_bytes_per_input_pixel();
     if (h * w) as u64 * per_px <= budget_bytes {
         return 0;
     }
     let side = ((budget_bytes / per_px) as f64).sqrt() as usize;
-    let tile = side.saturating_sub(2 * tile_pad) / 8 * 8;
-    tile.max(16)
+    let largest = (side.saturating_sub(2 * tile_pad) / 8 * 8).max(16);
+    // The same number of tiles along each side as `largest` gives, each as short as that
+    // allows; `largest` is a multiple of 8, so rounding up stays within it.
+    let even = |d: usize| d.div_ceil(d.div_ceil(largest).max(1));
+    even(h).max(even(w)).next_multiple_of(8).clamp(16, largest)
 }
 
 /// Reflect-pads a `(1, C, H, W)` tensor on the bottom and right (PyTorch `F.pad(.., 'reflect')`).
