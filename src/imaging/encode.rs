@@ -54,10 +54,18 @@ pub fn encode(img: &DynamicImage, format: OutputFormat) -> Result<Vec<u8>, Imagi
         OutputFormat::Jpeg(quality) => {
             ensure_encodable(img.color().has_alpha(), format)?;
             // JPEG is 8-bit only: 16-bit results are reduced with rounding.
+            // 8-bit images are encoded as they are, not copied first.
+            let reduced;
             let img8 = match img {
-                DynamicImage::ImageLuma16(_) => DynamicImage::ImageLuma8(img.to_luma8()),
-                DynamicImage::ImageRgb16(_) => DynamicImage::ImageRgb8(img.to_rgb8()),
-                other => other.clone(),
+                DynamicImage::ImageLuma16(_) => {
+                    reduced = DynamicImage::ImageLuma8(img.to_luma8());
+                    &reduced
+                }
+                DynamicImage::ImageRgb16(_) => {
+                    reduced = DynamicImage::ImageRgb8(img.to_rgb8());
+                    &reduced
+                }
+                other => other,
             };
             let enc = JpegEncoder::new_with_quality(&mut out, quality.clamp(1, 100));
             img8.write_with_encoder(enc)
