@@ -58,8 +58,8 @@ impl Arena {
 /// Faults a freshly allocated buffer in with one call (`MADV_POPULATE_WRITE`, Linux 5.14+)
 /// instead of one page fault per 4 KiB page as it is first written, which costs less kernel
 /// time where faults are expensive (virtual machines). Advice only: an older kernel refuses
-/// it and the pages fault in as they are touched. For buffers about to be written whole.
-pub(crate) fn populate<T: Copy>(buf: &mut [T]) {
+/// it and the pages fault in as they are touched.
+fn populate(buf: &mut [f32]) {
     #[cfg(target_os = "linux")]
     {
         const PAGE: usize = 4096;

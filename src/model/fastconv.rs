@@ -128,11 +128,7 @@ impl Conv3x3 {
 
     /// Applies the convolution to an `(n, h, w, cin)` f32 tensor, giving `(n, h, w, cout)`.
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        xs.apply_op1_no_bwd(&Op {
-            conv: self,
-            upsample: false,
-            isa: Isa::active(),
-        })
+        self.forward_isa(xs, Isa::active())
     }
 
     /// `forward` on a given ISA path (which this CPU must support): for tests.
@@ -171,37 +167,6 @@ impl Conv3x3 {
         fit.min(spread.max(mr))
     }
 
-    /// The whole convolution on a contiguous NHWC buffer of `h x w` pixels, or of
-    /// `h/2 x w/2` pixels read through a 2x nearest upsampling if `upsample`.
-    pub fn run(
-        &self,
-        input: &[f32],
-        n: usize,
-        h: usize,
-        w: usize,
-        upsample: bool,
-        isa: Isa,
-    ) -> Vec<f32> {
-        let src_px = if upsample { (h / 2) * (w / 2) } else { h * w };
-        assert!(
-            !upsample || (h.is_multiple_of(2) && w.is_multiple_of(2)),
-            "upsampled size is even"
-        );
-        assert_eq!(input.len(), n * src_px * self.cin, "input size");
-        let mut out = vec![0f32; n * h * w * self.cout];
-        let io = Io {
-            src: input.as_ptr(),
-            src_stride: self.cin,
-            dst: out.as_mut_ptr(),
-            dst_stride: self.cout,
-            epilogue: Epilogue::default(),
-            upsample,
-        };
-        // SAFETY: separate buffers of the sizes asserted above.
-        unsafe { self.run_raw_isa(io, n, h, w, isa) };
-        out
-    }
-
     /// The convolution between two contiguous channels-last buffers of one image: `src`
     /// holds `h x w` pixels of `cin` channels (`h/2 x w/2` if `upsample`), `dst` receives
     /// `h x w` pixels of `cout`.
@@ -214,13 +179,28 @@ impl Conv3x3 {
         upsample: bool,
         isa: Isa,
     ) {
+        self.run_images(src, dst, 1, h, w, upsample, isa)
+    }
+
+    /// `run_into` on a batch of `n` images, one after the other in both buffers.
+    #[allow(clippy::too_many_arguments)]
+    fn run_images(
+        &self,
+        src: &[f32],
+        dst: &mut [f32],
+        n: usize,
+        h: usize,
+        w: usize,
+        upsample: bool,
+        isa: Isa,
+    ) {
         let src_px = if upsample { (h / 2) * (w / 2) } else { h * w };
         assert!(
             !upsample || (h.is_multiple_of(2) && w.is_multiple_of(2)),
             "upsampled size is even"
         );
-        assert_eq!(src.len(), src_px * self.cin, "input size");
-        assert_eq!(dst.len(), h * w * self.cout, "output size");
+        assert_eq!(src.len(), n * src_px * self.cin, "input size");
+        assert_eq!(dst.len(), n * h * w * self.cout, "output size");
         let io = Io {
             src: src.as_ptr(),
             src_stride: self.cin,
@@ -230,7 +210,7 @@ impl Conv3x3 {
             upsample,
         };
         // SAFETY: two separate buffers of the sizes asserted above.
-        unsafe { self.run_raw_isa(io, 1, h, w, isa) };
+        unsafe { self.run_raw_isa(io, n, h, w, isa) };
     }
 
     /// The convolution between channels-last buffers with any pixel strides, for networks
@@ -859,7 +839,16 @@ impl CustomOp1 for Op<'_> {
         } else {
             (h, w)
         };
-        let out = conv.run(&data[start..end], n, h, w, self.upsample, self.isa);
+        let mut out = vec![0f32; n * h * w * conv.cout];
+        conv.run_images(
+            &data[start..end],
+            &mut out,
+            n,
+            h,
+            w,
+            self.upsample,
+            self.isa,
+        );
         Ok((CpuStorage::F32(out), Shape::from((n, h, w, conv.cout))))
     }
 }

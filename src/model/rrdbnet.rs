@@ -55,24 +55,26 @@ impl Config {
         }
     }
 
+    /// The pixel-unshuffle factor applied to the input before the first convolution (as
+    /// BasicSR does for scales 2 and 1), so the body works at a quarter of the output size.
+    pub fn unshuffle(&self) -> usize {
+        match self.scale {
+            2 => 2,
+            1 => 4,
+            _ => 1,
+        }
+    }
+
     /// Channels the first convolution sees after the pixel unshuffle.
     fn first_conv_in_ch(&self) -> usize {
-        match self.scale {
-            2 => self.num_in_ch * 4,
-            1 => self.num_in_ch * 16,
-            _ => self.num_in_ch,
-        }
+        self.num_in_ch * self.unshuffle() * self.unshuffle()
     }
 
     /// Multiply-adds per input pixel, counting every convolution.
     pub fn macs_per_input_pixel(&self) -> u64 {
         let k = 9u64;
         let (f, g) = (self.num_feat as u64, self.num_grow_ch as u64);
-        let body_px = match self.scale {
-            2 => 4,
-            1 => 16,
-            _ => 1,
-        };
+        let body_px = (self.unshuffle() * self.unshuffle()) as u64;
         // The body runs at input / unshuffle resolution: count per body pixel, then rescale.
         let first = self.first_conv_in_ch() as u64 * f * k;
         let rdb: u64 = (0..4).map(|i| (f + i * g) * g * k).sum::<u64>() + (f + 4 * g) * f * k;
@@ -207,10 +209,9 @@ fn upsample2x(xs: &Tensor) -> Result<Tensor> {
 
 impl Module for RrdbNet {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let feat = match self.cfg.scale {
-            2 => candle_nn::ops::pixel_unshuffle(xs, 2)?,
-            1 => candle_nn::ops::pixel_unshuffle(xs, 4)?,
-            _ => xs.clone(),
+        let feat = match self.cfg.unshuffle() {
+            1 => xs.clone(),
+            r => candle_nn::ops::pixel_unshuffle(xs, r)?,
         };
         let feat = self.conv_first.forward(&feat)?;
         let mut body = feat.clone();
@@ -229,7 +230,8 @@ impl Module for RrdbNet {
 /// convolutions with LeakyReLU fused (see `fastconv`). Built from a loaded `RrdbNet`.
 #[derive(Debug, Clone)]
 pub struct FastRrdbNet {
-    scale: usize,
+    /// `Config::unshuffle` of the network.
+    unshuffle: usize,
     /// Channels per pixel of the trunk's buffers: num_feat + 4 * num_grow_ch.
     stride: usize,
     conv_first: Conv3x3,
@@ -279,7 +281,7 @@ impl FastRrdbNet {
             }
         }
         Ok(Self {
-            scale: net.cfg.scale,
+            unshuffle: net.cfg.unshuffle(),
             stride,
             conv_first: fast(&net.conv_first, Activation::None)?,
             body,
@@ -293,11 +295,7 @@ impl FastRrdbNet {
 
     /// The pixel-unshuffle factor applied to the input before the first convolution.
     pub fn unshuffle(&self) -> usize {
-        match self.scale {
-            2 => 2,
-            1 => 4,
-            _ => 1,
-        }
+        self.unshuffle
     }
 
     /// Channels the first convolution takes (after the unshuffle).
