@@ -77,7 +77,7 @@ impl Conv3x3 {
         if (kh, kw) != (3, 3) {
             candle_core::bail!("Conv3x3 needs a 3x3 kernel, got {kh}x{kw}");
         }
-        let w: Vec<f64> = weight.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
+        let w: Vec<f32> = weight.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
         let bias = match bias {
             Some(b) => b.to_dtype(DType::F32)?.to_vec1()?,
             None => vec![0.0; cout],
@@ -90,24 +90,8 @@ impl Conv3x3 {
                 candle_core::bail!("PReLU has {} slopes for {cout} channels", s.len());
             }
         }
-        // U = G g G^T per (co, ci), computed in f64 and rounded once. Each position p = (i, j)
-        // is a fixed combination of the nine taps: U_p = sum_kl G[i][k] G[j][l] g[k][l].
         let cout_pad = cout.div_ceil(PANEL) * PANEL;
-        let mut u = vec![0f32; POS * cin * cout_pad];
-        u.par_chunks_mut(cin * cout_pad)
-            .enumerate()
-            .for_each(|(p, up)| {
-                let (i, j) = (p / IN, p % IN);
-                let c: [f64; 9] = std::array::from_fn(|kl| G[i][kl / 3] * G[j][kl % 3]);
-                for co in 0..cout {
-                    let (panel, lane) = (co / PANEL, co % PANEL);
-                    for ci in 0..cin {
-                        let g = &w[(co * cin + ci) * 9..][..9];
-                        let v: f64 = c.iter().zip(g).map(|(a, b)| a * b).sum();
-                        up[(panel * cin + ci) * PANEL + lane] = v as f32;
-                    }
-                }
-            });
+        let u = transform_weights(&w, cin, cout, cout_pad);
         Ok(Self {
             cin,
             cout,
@@ -435,6 +419,58 @@ impl Conv3x3 {
         }
         S::store(out.add(c), v);
     }
+}
+
+/// The kernel in the Winograd domain, `u[p][panel][ci][PANEL]` (zeros past `cout`), from OIHW
+/// 3x3 weights `w`: `U = G g G^T` per (co, ci), computed in f64 as `(G g) G^T` and rounded
+/// once. One panel of 16 output channels at a time, as 16 lanes (which vectorise), so each
+/// thread writes its own part of every position.
+fn transform_weights(w: &[f32], cin: usize, cout: usize, cout_pad: usize) -> Vec<f32> {
+    let panels = cout_pad / PANEL;
+    let mut u = vec![0f32; POS * cin * cout_pad];
+    super::arena::populate(&mut u);
+    // Every (position, panel) row of `cin * PANEL` values, grouped by panel.
+    let mut rows: Vec<Vec<&mut [f32]>> = (0..panels).map(|_| Vec::with_capacity(POS)).collect();
+    for (i, row) in u.chunks_mut(cin * PANEL).enumerate() {
+        rows[i % panels].push(row);
+    }
+    rows.into_par_iter()
+        .enumerate()
+        .for_each(|(panel, mut rows)| {
+            for ci in 0..cin {
+                // g[k][l][lane]: the taps of output channel panel * 16 + lane.
+                let mut g = [[[0f64; PANEL]; 3]; 3];
+                for lane in 0..PANEL.min(cout - panel * PANEL) {
+                    let taps = &w[((panel * PANEL + lane) * cin + ci) * 9..][..9];
+                    for (kl, &t) in taps.iter().enumerate() {
+                        g[kl / 3][kl % 3][lane] = f64::from(t);
+                    }
+                }
+                // t = G g (8x3), then U = t G^T (8x8), lane by lane.
+                let mut t = [[[0f64; PANEL]; 3]; IN];
+                for (ti, gi) in t.iter_mut().zip(&G) {
+                    for (l, tl) in ti.iter_mut().enumerate() {
+                        for lane in 0..PANEL {
+                            tl[lane] = gi[0] * g[0][l][lane]
+                                + gi[1] * g[1][l][lane]
+                                + gi[2] * g[2][l][lane];
+                        }
+                    }
+                }
+                for i in 0..IN {
+                    for (j, gj) in G.iter().enumerate() {
+                        let dst = &mut rows[i * IN + j][ci * PANEL..][..PANEL];
+                        for (lane, d) in dst.iter_mut().enumerate() {
+                            let v = t[i][0][lane] * gj[0]
+                                + t[i][1][lane] * gj[1]
+                                + t[i][2][lane] * gj[2];
+                            *d = v as f32;
+                        }
+                    }
+                }
+            }
+        });
+    u
 }
 
 /// Runs one block on `isa`'s copy of `process`.
@@ -881,6 +917,43 @@ mod tests {
         [0.0, 1.0, 1.0, 16.0, 16.0, 0.0625, 0.0625, 0.0],
         [0.0, 1.0, -1.0, 32.0, -32.0, 0.03125, -0.03125, 1.0],
     ];
+
+    #[test]
+    fn packed_weights_are_g_g_gt_rounded_once_with_zero_padding() {
+        // 20 output channels: one whole panel and one with 4 channels and 12 of padding.
+        let (cin, cout) = (3, 20);
+        let w: Vec<f32> = (0..cout * cin * 9)
+            .map(|i| ((i * 7919 % 101) as f32 - 50.0) / 37.0)
+            .collect();
+        let cout_pad = 32;
+        let u = transform_weights(&w, cin, cout, cout_pad);
+        assert_eq!(u.len(), POS * cin * cout_pad);
+        for p in 0..POS {
+            let (i, j) = (p / IN, p % IN);
+            for co in 0..cout_pad {
+                for ci in 0..cin {
+                    let got =
+                        u[((p * cout_pad / PANEL + co / PANEL) * cin + ci) * PANEL + co % PANEL];
+                    if co >= cout {
+                        assert_eq!(got, 0.0, "padding at p {p}, co {co}");
+                        continue;
+                    }
+                    let g = &w[(co * cin + ci) * 9..][..9];
+                    let want: f64 = (0..9)
+                        .map(|kl| G[i][kl / 3] * G[j][kl % 3] * f64::from(g[kl]))
+                        .sum();
+                    // One f32 rounding, plus f64 rounding that differs with the order of
+                    // the sums (seen where the terms cancel).
+                    let scale: f64 = g.iter().map(|&t| f64::from(t).abs()).sum();
+                    let ulp = f64::from((want as f32).abs() * f32::EPSILON);
+                    assert!(
+                        (f64::from(got) - want).abs() <= ulp + 1e-15 * scale,
+                        "p {p}, co {co}, ci {ci}: {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
 
     #[test]
     fn unrolled_transforms_match_their_matrices() {
