@@ -9,7 +9,7 @@ use candle_core::{Device, Tensor};
 use image::{DynamicImage, ImageBuffer, Luma, Rgb, RgbImage, Rgba, RgbaImage};
 use upscaler::imaging::{self, ImagingError, OutputFormat};
 use upscaler::model::tiling::{self, run_to_tensor};
-use upscaler::model::{self, Isa, Model, ModelError, Network, Progress, TileOptions};
+use upscaler::model::{self, Isa, Model, ModelError, Network, Prepare, Progress, TileOptions};
 use upscaler::pipeline::{
     enhance, enhance_bytes, AlphaMode, EnhanceOptions, PipelineError, TileSize,
 };
@@ -561,4 +561,41 @@ fn passes_reuse_their_working_memory() {
     assert_eq!(model.arena_bytes(), held, "a smaller pass fits in them");
     pass(40, 36);
     assert!(model.arena_bytes() > held, "a larger pass grows them");
+}
+
+/// Weights put in the Winograd domain on every call (`Prepare::PerCall`, what `upscaler
+/// upscale` uses for its one image) give the same bits as weights prepared once, on every
+/// architecture and ISA path, with the models taking turns so each call finds the reused
+/// buffer holding another convolution's weights.
+#[test]
+fn weights_prepared_per_call_give_the_same_pixels() {
+    let models = [
+        (*common::model("realesrgan-x4plus")).clone(),
+        (*common::model(FAST)).clone(),
+        random_model("realesrgan-x2plus"),
+        random_model("realesr-general-x4v3"),
+    ];
+    let per_call: Vec<Model> = models
+        .iter()
+        .map(|m| {
+            let (spec, net) = (m.spec().clone(), m.network().clone());
+            Model::prepared(spec, net, Device::Cpu, Prepare::PerCall).unwrap()
+        })
+        .collect();
+    let x = input_tensor(&picture(14, 10));
+    for isa in Isa::available() {
+        for round in 0..2 {
+            for (once, per_call) in models.iter().zip(&per_call) {
+                assert!(per_call.is_fast());
+                let want = once.with_isa(isa).unwrap().forward(&x).unwrap();
+                let got = per_call.with_isa(isa).unwrap().forward(&x).unwrap();
+                assert_eq!(
+                    max_abs_diff(&got, &want),
+                    0.0,
+                    "{} on {isa:?}, round {round}",
+                    once.spec().name
+                );
+            }
+        }
+    }
 }

@@ -39,11 +39,37 @@ pub struct Conv3x3 {
     cout: usize,
     /// `cout` rounded up to whole panels.
     cout_pad: usize,
-    /// `u[p][panel][ci][PANEL]`: the transformed kernel at each of the 64 positions, in
-    /// panels of 16 output channels (zeros past `cout`).
-    u: Vec<f32>,
+    weights: Weights,
     bias: Vec<f32>,
     act: Activation,
+}
+
+/// When a convolution's weights are put in the Winograd domain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Prepare {
+    /// Once, at load, and kept (64/9 the memory of the 3x3 weights: 475 MB for x4plus). For
+    /// a service, which runs many passes.
+    #[default]
+    Once,
+    /// On every call, into a buffer the calling thread reuses: each pass transforms its
+    /// weights again (about 0.2 s of CPU per x4plus pass) but nothing is kept. For one image
+    /// of a few tiles, where keeping them costs more (faulting in 475 MB) than it saves.
+    PerCall,
+}
+
+#[derive(Debug, Clone)]
+enum Weights {
+    /// `u[p][panel][ci][PANEL]`: the transformed kernel at each of the 64 positions, in
+    /// panels of 16 output channels (zeros past `cout`).
+    Packed(Vec<f32>),
+    /// The OIHW 3x3 weights, packed on each call.
+    PerCall(Vec<f32>),
+}
+
+thread_local! {
+    /// The packed weights of a `Prepare::PerCall` convolution, reused by the thread's calls
+    /// (grown to the largest).
+    static PACKED: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
 /// Output tile edge, input tile edge and the number of transform positions.
@@ -73,6 +99,16 @@ const BLOCK_BYTES: usize = 512 * 1024;
 impl Conv3x3 {
     /// From an OIHW `(cout, cin, 3, 3)` weight and an optional `(cout,)` bias, any float dtype.
     pub fn new(weight: &Tensor, bias: Option<&Tensor>, act: Activation) -> Result<Self> {
+        Self::prepared(weight, bias, act, Prepare::Once)
+    }
+
+    /// `new`, with the Winograd-domain weights made when `prepare` says.
+    pub fn prepared(
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        act: Activation,
+        prepare: Prepare,
+    ) -> Result<Self> {
         let (cout, cin, kh, kw) = weight.dims4()?;
         if (kh, kw) != (3, 3) {
             candle_core::bail!("Conv3x3 needs a 3x3 kernel, got {kh}x{kw}");
@@ -91,12 +127,20 @@ impl Conv3x3 {
             }
         }
         let cout_pad = cout.div_ceil(PANEL) * PANEL;
-        let u = transform_weights(&w, cin, cout, cout_pad);
+        let weights = match prepare {
+            Prepare::Once => {
+                let mut u = vec![0f32; POS * cin * cout_pad];
+                super::arena::populate(&mut u);
+                transform_weights(&w, cin, cout, &mut u);
+                Weights::Packed(u)
+            }
+            Prepare::PerCall => Weights::PerCall(w),
+        };
         Ok(Self {
             cin,
             cout,
             cout_pad,
-            u,
+            weights,
             bias,
             act,
         })
@@ -222,24 +266,49 @@ impl Conv3x3 {
         if n * h * w == 0 {
             return;
         }
-        let (th, tw) = (h.div_ceil(OUT), w.div_ceil(OUT));
-        let tiles = th * tw;
-        let block = self.block_tiles(tiles, isa);
-        let blocks = tiles.div_ceil(block);
-        (0..n * blocks).into_par_iter().for_each(|job| {
-            Scratch::with(block, cin, cout_pad, |scratch| {
-                let (img, b) = (job / blocks, job % blocks);
-                let first = b * block;
-                let work = Block {
-                    io: io.image(img * h * w),
-                    geom: Geometry { h, w, tw },
-                    first,
-                    count: block.min(tiles - first),
-                    block,
-                };
-                dispatch(isa, self, work, scratch);
-            })
-        });
+        self.with_packed(|u| {
+            let (th, tw) = (h.div_ceil(OUT), w.div_ceil(OUT));
+            let tiles = th * tw;
+            let block = self.block_tiles(tiles, isa);
+            let blocks = tiles.div_ceil(block);
+            let u = SharedPtr(u.as_ptr());
+            (0..n * blocks).into_par_iter().for_each(|job| {
+                Scratch::with(block, cin, cout_pad, |scratch| {
+                    let (img, b) = (job / blocks, job % blocks);
+                    let first = b * block;
+                    let work = Block {
+                        io: io.image(img * h * w),
+                        geom: Geometry { h, w, tw },
+                        first,
+                        count: block.min(tiles - first),
+                        block,
+                        u: u.get(),
+                    };
+                    dispatch(isa, self, work, scratch);
+                })
+            });
+        })
+    }
+
+    /// Runs `f` with the packed Winograd-domain weights: the kept ones, or (`PerCall`) ones
+    /// packed now into this thread's buffer. A nested call on the same thread finds the
+    /// buffer taken and packs into a new one.
+    fn with_packed<R>(&self, f: impl FnOnce(&[f32]) -> R) -> R {
+        match &self.weights {
+            Weights::Packed(u) => f(u),
+            Weights::PerCall(w) => {
+                let mut u = PACKED.take();
+                let len = POS * self.cin * self.cout_pad;
+                if u.len() < len {
+                    u = Vec::new();
+                    u.resize(len, 0.0);
+                }
+                transform_weights(w, self.cin, self.cout, &mut u[..len]);
+                let out = f(&u[..len]);
+                PACKED.set(u);
+                out
+            }
+        }
     }
 
     /// Transforms, multiplies and writes one block of tiles. Inlined into one copy per
@@ -249,7 +318,7 @@ impl Conv3x3 {
         for t in 0..work.count {
             self.input_tile::<S>(&work, work.first + t, t, s);
         }
-        multiply(self, work.count, work.block, s);
+        multiply(self, &work, s);
         for t in 0..work.count {
             self.output_tile::<S>(&work, work.first + t, t, s);
         }
@@ -318,9 +387,10 @@ impl Conv3x3 {
 
     /// `m[p] = v[p] x u[p]` for the 64 positions: (count x cin) times (cin x cout_pad).
     #[inline(always)]
-    unsafe fn multiply<S: Simd>(&self, count: usize, block: usize, s: &mut Scratch) {
+    unsafe fn multiply<S: Simd>(&self, work: &Block, s: &mut Scratch) {
+        let (count, block) = (work.count, work.block);
         let (cin, cpad) = (self.cin, self.cout_pad);
-        let (v, m, u) = (s.v.as_ptr(), s.m.as_mut_ptr(), self.u.as_ptr());
+        let (v, m, u) = (s.v.as_ptr(), s.m.as_mut_ptr(), work.u);
         for p in 0..POS {
             gemm::<S>(
                 count,
@@ -424,11 +494,9 @@ impl Conv3x3 {
 /// The kernel in the Winograd domain, `u[p][panel][ci][PANEL]` (zeros past `cout`), from OIHW
 /// 3x3 weights `w`: `U = G g G^T` per (co, ci), computed in f64 as `(G g) G^T` and rounded
 /// once. One panel of 16 output channels at a time, as 16 lanes (which vectorise), so each
-/// thread writes its own part of every position.
-fn transform_weights(w: &[f32], cin: usize, cout: usize, cout_pad: usize) -> Vec<f32> {
-    let panels = cout_pad / PANEL;
-    let mut u = vec![0f32; POS * cin * cout_pad];
-    super::arena::populate(&mut u);
+/// thread writes its own part of every position. Every value of `u` is written.
+fn transform_weights(w: &[f32], cin: usize, cout: usize, u: &mut [f32]) {
+    let panels = u.len() / (POS * cin * PANEL);
     // Every (position, panel) row of `cin * PANEL` values, grouped by panel.
     let mut rows: Vec<Vec<&mut [f32]>> = (0..panels).map(|_| Vec::with_capacity(POS)).collect();
     for (i, row) in u.chunks_mut(cin * PANEL).enumerate() {
@@ -470,7 +538,6 @@ fn transform_weights(w: &[f32], cin: usize, cout: usize, cout_pad: usize) -> Vec
                 }
             }
         });
-    u
 }
 
 /// Runs one block on `isa`'s copy of `process`.
@@ -492,7 +559,7 @@ fn dispatch(isa: Isa, conv: &Conv3x3, work: Block, scratch: &mut Scratch) {
 
 /// The products of one block, compiled per ISA as its own function (so profiles show the
 /// transforms and the products apart).
-type Multiply = unsafe fn(&Conv3x3, usize, usize, &mut Scratch);
+type Multiply = unsafe fn(&Conv3x3, &Block, &mut Scratch);
 
 #[inline(never)]
 unsafe fn process_baseline(conv: &Conv3x3, work: Block, scratch: &mut Scratch) {
@@ -500,8 +567,8 @@ unsafe fn process_baseline(conv: &Conv3x3, work: Block, scratch: &mut Scratch) {
 }
 
 #[inline(never)]
-unsafe fn multiply_baseline(conv: &Conv3x3, count: usize, block: usize, s: &mut Scratch) {
-    conv.multiply::<Sse>(count, block, s)
+unsafe fn multiply_baseline(conv: &Conv3x3, work: &Block, s: &mut Scratch) {
+    conv.multiply::<Sse>(work, s)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -513,8 +580,8 @@ unsafe fn process_avx2(conv: &Conv3x3, work: Block, scratch: &mut Scratch) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[inline(never)]
-unsafe fn multiply_avx2(conv: &Conv3x3, count: usize, block: usize, s: &mut Scratch) {
-    conv.multiply::<Avx2>(count, block, s)
+unsafe fn multiply_avx2(conv: &Conv3x3, work: &Block, s: &mut Scratch) {
+    conv.multiply::<Avx2>(work, s)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -526,8 +593,8 @@ unsafe fn process_avx512(conv: &Conv3x3, work: Block, scratch: &mut Scratch) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
 #[inline(never)]
-unsafe fn multiply_avx512(conv: &Conv3x3, count: usize, block: usize, s: &mut Scratch) {
-    conv.multiply::<Avx512>(count, block, s)
+unsafe fn multiply_avx512(conv: &Conv3x3, work: &Block, s: &mut Scratch) {
+    conv.multiply::<Avx512>(work, s)
 }
 
 /// The per-position product `c = a * b` of `rows x k` by `k x (panels * 16)`: `a` row-major
@@ -785,6 +852,21 @@ struct Block {
     first: usize,
     count: usize,
     block: usize,
+    /// The packed weights (`Conv3x3::with_packed`).
+    u: *const f32,
+}
+
+/// A pointer read by every thread of one call.
+#[derive(Clone, Copy)]
+struct SharedPtr(*const f32);
+// SAFETY: only read, while the call that made it waits for its threads.
+unsafe impl Send for SharedPtr {}
+unsafe impl Sync for SharedPtr {}
+
+impl SharedPtr {
+    fn get(self) -> *const f32 {
+        self.0
+    }
 }
 
 struct Geometry {
@@ -926,8 +1008,9 @@ mod tests {
             .map(|i| ((i * 7919 % 101) as f32 - 50.0) / 37.0)
             .collect();
         let cout_pad = 32;
-        let u = transform_weights(&w, cin, cout, cout_pad);
-        assert_eq!(u.len(), POS * cin * cout_pad);
+        // Stale values in the buffer must all be overwritten.
+        let mut u = vec![f32::NAN; POS * cin * cout_pad];
+        transform_weights(&w, cin, cout, &mut u);
         for p in 0..POS {
             let (i, j) = (p / IN, p % IN);
             for co in 0..cout_pad {
@@ -951,6 +1034,27 @@ mod tests {
                         "p {p}, co {co}, ci {ci}: {got} vs {want}"
                     );
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn weights_packed_per_call_match_weights_packed_once() {
+        // A wide convolution, then a narrower one, so the reused buffer holds stale values.
+        for (cin, cout, h, w) in [(96, 40, 13, 17), (5, 7, 9, 8), (96, 40, 13, 17)] {
+            let (once, weight, bias) = random_conv(cin, cout, Activation::LeakyRelu(0.2));
+            let per_call = Conv3x3::prepared(
+                &weight,
+                Some(&bias),
+                Activation::LeakyRelu(0.2),
+                Prepare::PerCall,
+            )
+            .unwrap();
+            let x = noise((1, h, w, cin), 1.0, 7);
+            for isa in Isa::available() {
+                let want = once.forward_isa(&x, isa).unwrap();
+                let got = per_call.forward_isa(&x, isa).unwrap();
+                assert_eq!(close(&got, &want), 0.0, "{isa:?} {cin}->{cout}");
             }
         }
     }

@@ -17,7 +17,7 @@ pub mod weights;
 
 use candle_core::{Device, Module, Tensor};
 
-pub use fastconv::Isa;
+pub use fastconv::{Isa, Prepare};
 pub use registry::{find, Arch, ModelSpec, REGISTRY};
 pub use tiling::{Progress, TileOptions, TileView};
 
@@ -90,10 +90,10 @@ pub enum FastNetwork {
 }
 
 impl FastNetwork {
-    pub fn new(net: &Network) -> candle_core::Result<Self> {
+    pub fn new(net: &Network, prepare: Prepare) -> candle_core::Result<Self> {
         Ok(match net {
-            Network::RrdbNet(n) => Self::RrdbNet(Box::new(rrdbnet::FastRrdbNet::new(n)?)),
-            Network::SrVgg(n) => Self::SrVgg(srvgg::FastSrVgg::new(n)?),
+            Network::RrdbNet(n) => Self::RrdbNet(Box::new(rrdbnet::FastRrdbNet::new(n, prepare)?)),
+            Network::SrVgg(n) => Self::SrVgg(srvgg::FastSrVgg::new(n, prepare)?),
         })
     }
 
@@ -167,8 +167,19 @@ pub struct Model {
 impl Model {
     /// On the CPU, also prepares the fast path (Winograd-domain weights, made once here).
     pub fn new(spec: ModelSpec, net: Network, device: Device) -> Result<Self, ModelError> {
+        Self::prepared(spec, net, device, Prepare::Once)
+    }
+
+    /// `new`, with the fast path's Winograd-domain weights made when `prepare` says: once
+    /// here for a service, on every pass for a single image (see `Prepare`).
+    pub fn prepared(
+        spec: ModelSpec,
+        net: Network,
+        device: Device,
+        prepare: Prepare,
+    ) -> Result<Self, ModelError> {
         let fast = match device {
-            Device::Cpu => Some(FastNetwork::new(&net)?),
+            Device::Cpu => Some(FastNetwork::new(&net, prepare)?),
             _ => None,
         };
         Ok(Self {
@@ -226,9 +237,19 @@ impl Model {
         path: &std::path::Path,
         device: &Device,
     ) -> Result<Self, ModelError> {
+        Self::load_prepared(spec, path, device, Prepare::Once)
+    }
+
+    /// `load`, with the fast path's weights prepared as `prepare` says.
+    pub fn load_prepared(
+        spec: &ModelSpec,
+        path: &std::path::Path,
+        device: &Device,
+        prepare: Prepare,
+    ) -> Result<Self, ModelError> {
         let tensors = weights::read(spec, path)?;
         let net = weights::build_checked(&spec.arch, tensors, device)?;
-        Self::new(spec.clone(), net, device.clone())
+        Self::prepared(spec.clone(), net, device.clone(), prepare)
     }
 
     pub fn spec(&self) -> &ModelSpec {

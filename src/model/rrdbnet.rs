@@ -10,7 +10,7 @@ use candle_nn::{conv2d, Conv2d, Conv2dConfig, VarBuilder};
 use rayon::prelude::*;
 
 use super::arena::Arena;
-use super::fastconv::{Activation, Conv3x3, Epilogue, Io, Isa, Residual};
+use super::fastconv::{Activation, Conv3x3, Epilogue, Io, Isa, Prepare, Residual};
 use super::layout;
 
 /// Shape of an RRDBNet. `scale` is the overall upscaling factor (1, 2 or 4); for 1 and 2 the
@@ -244,12 +244,12 @@ pub struct FastRrdbNet {
     conv_last: Conv3x3,
 }
 
-fn fast(conv: &Conv2d, act: Activation) -> Result<Conv3x3> {
-    Conv3x3::new(conv.weight(), conv.bias(), act)
+fn fast(conv: &Conv2d, act: Activation, prepare: Prepare) -> Result<Conv3x3> {
+    Conv3x3::prepared(conv.weight(), conv.bias(), act, prepare)
 }
 
 impl FastRrdbNet {
-    pub fn new(net: &RrdbNet) -> Result<Self> {
+    pub fn new(net: &RrdbNet, prepare: Prepare) -> Result<Self> {
         let lrelu = || Activation::LeakyRelu(0.2);
         let body = net
             .body
@@ -258,11 +258,11 @@ impl FastRrdbNet {
                 let block = |rdb: &ResidualDenseBlock| -> Result<[Conv3x3; 5]> {
                     let c = &rdb.convs;
                     Ok([
-                        fast(&c[0], lrelu())?,
-                        fast(&c[1], lrelu())?,
-                        fast(&c[2], lrelu())?,
-                        fast(&c[3], lrelu())?,
-                        fast(&c[4], Activation::None)?,
+                        fast(&c[0], lrelu(), prepare)?,
+                        fast(&c[1], lrelu(), prepare)?,
+                        fast(&c[2], lrelu(), prepare)?,
+                        fast(&c[3], lrelu(), prepare)?,
+                        fast(&c[4], Activation::None, prepare)?,
                     ])
                 };
                 Ok([
@@ -283,13 +283,13 @@ impl FastRrdbNet {
         Ok(Self {
             unshuffle: net.cfg.unshuffle(),
             stride,
-            conv_first: fast(&net.conv_first, Activation::None)?,
+            conv_first: fast(&net.conv_first, Activation::None, prepare)?,
             body,
-            conv_body: fast(&net.conv_body, Activation::None)?,
-            conv_up1: fast(&net.conv_up1, lrelu())?,
-            conv_up2: fast(&net.conv_up2, lrelu())?,
-            conv_hr: fast(&net.conv_hr, lrelu())?,
-            conv_last: fast(&net.conv_last, Activation::None)?,
+            conv_body: fast(&net.conv_body, Activation::None, prepare)?,
+            conv_up1: fast(&net.conv_up1, lrelu(), prepare)?,
+            conv_up2: fast(&net.conv_up2, lrelu(), prepare)?,
+            conv_hr: fast(&net.conv_hr, lrelu(), prepare)?,
+            conv_last: fast(&net.conv_last, Activation::None, prepare)?,
         })
     }
 

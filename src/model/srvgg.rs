@@ -8,7 +8,7 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::{conv2d, Conv2d, Conv2dConfig, PReLU, VarBuilder};
 
 use super::arena::Arena;
-use super::fastconv::{Activation, Conv3x3, Isa};
+use super::fastconv::{Activation, Conv3x3, Isa, Prepare};
 use super::layout;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -111,18 +111,24 @@ pub struct FastSrVgg {
 }
 
 impl FastSrVgg {
-    pub fn new(net: &SrVggNetCompact) -> Result<Self> {
+    pub fn new(net: &SrVggNetCompact, prepare: Prepare) -> Result<Self> {
         let mut convs = Vec::with_capacity(net.convs.len());
         for (conv, act) in net.convs.iter().zip(&net.acts) {
             let slopes = act.weight().to_dtype(candle_core::DType::F32)?.to_vec1()?;
-            convs.push(Conv3x3::new(
+            convs.push(Conv3x3::prepared(
                 conv.weight(),
                 conv.bias(),
                 Activation::PRelu(slopes),
+                prepare,
             )?);
         }
         let last = net.convs.last().expect("at least one convolution");
-        convs.push(Conv3x3::new(last.weight(), last.bias(), Activation::None)?);
+        convs.push(Conv3x3::prepared(
+            last.weight(),
+            last.bias(),
+            Activation::None,
+            prepare,
+        )?);
         let cfg = &net.cfg;
         if cfg.num_in_ch != cfg.num_out_ch {
             candle_core::bail!("SRVGGNet adds its input to its output: in and out channels differ");
