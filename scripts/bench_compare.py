@@ -16,6 +16,7 @@ How to run (from anywhere; the wrapper creates .venv-bench on first use):
     scripts/bench-compare                                  # x4plus + animevideov3, 128 and 256
     scripts/bench-compare --models realesr-animevideov3 --sizes 64 --runs 1
     scripts/bench-compare --json                           # one JSON object per case
+    scripts/bench-compare --whole png --runs 5             # whole `upscaler upscale` runs
     UPSCALER_BIN=path/to/upscaler scripts/bench-compare    # another build
 
 onnxruntime runs with intra_op_num_threads = the number of usable cores, all graph
@@ -310,19 +311,72 @@ def time_upscaler(binary: Path, model: str, size: int, runs: int) -> dict:
     return rows[0]
 
 
-def time_onnxruntime(session, size: int, runs: int) -> dict:
+def median(values: list[float]) -> float:
+    """The same median as `upscaler bench`: the upper middle element."""
+    return sorted(values)[len(values) // 2]
+
+
+def onnxruntime_pass(session, x) -> float:
+    start = time.perf_counter()
+    session.run(None, {"input": x})
+    return time.perf_counter() - start
+
+
+def random_input(size: int):
     import numpy as np
 
-    x = np.random.default_rng(size).random((1, 3, size, size), dtype=np.float32)
-    session.run(None, {"input": x})  # warm-up
-    times = []
-    for _ in range(max(runs, 1)):
-        start = time.perf_counter()
-        session.run(None, {"input": x})
-        times.append(time.perf_counter() - start)
-    times.sort()
-    # Same median as `upscaler bench`: the upper middle element.
-    return {"seconds": times[len(times) // 2], "min_seconds": times[0], "runs": len(times)}
+    return np.random.default_rng(size).random((1, 3, size, size), dtype=np.float32)
+
+
+def time_onnxruntime(session, size: int, runs: int) -> dict:
+    x = random_input(size)
+    onnxruntime_pass(session, x)  # warm-up
+    times = [onnxruntime_pass(session, x) for _ in range(max(runs, 1))]
+    return {"seconds": median(times), "min_seconds": min(times), "runs": len(times)}
+
+
+def whole_upscale(binary: Path, model: str, src: Path, dst: Path) -> dict:
+    """One `upscaler upscale` process, start to exit: wall, user and sys seconds."""
+    import resource
+
+    cmd = [str(binary), "upscale", str(src), "-o", str(dst), "--model", model,
+           "--weights-dir", str(WEIGHTS_DIR)]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    run = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if run.returncode != 0:
+        fail(f"{' '.join(cmd)} failed ({run.returncode}):\n{run.stderr}")
+    return {"wall": wall, "user": after.ru_utime - before.ru_utime,
+            "sys": after.ru_stime - before.ru_stime}
+
+
+def time_whole(binary: Path, model: str, session, size: int, runs: int, fmt: str) -> dict:
+    """The whole `upscaler upscale` of a size x size image (load, decode, network, encode,
+    write) against onnxruntime's network alone on the same size, interleaved run by run."""
+    from PIL import Image
+
+    x = random_input(size)
+    onnxruntime_pass(session, x)  # warm-up
+    ort_times, runs_seen = [], []
+    with tempfile.TemporaryDirectory(prefix="bench-compare-") as tmp:
+        src, dst = Path(tmp) / f"in.{fmt}", Path(tmp) / f"out.{fmt}"
+        Image.fromarray(check_image(size), "RGB").save(src, quality=92)
+        whole_upscale(binary, model, src, dst)  # warm-up: page cache, CPU frequency
+        for _ in range(max(runs, 1)):
+            ort_times.append(onnxruntime_pass(session, x))
+            runs_seen.append(whole_upscale(binary, model, src, dst))
+    walls = [r["wall"] for r in runs_seen]
+    mid = sorted(runs_seen, key=lambda r: r["wall"])[len(runs_seen) // 2]
+    return {
+        "whole_seconds": median(walls),
+        "whole_min_seconds": min(walls),
+        "whole_user_seconds": mid["user"],
+        "whole_sys_seconds": mid["sys"],
+        "onnxruntime_seconds": median(ort_times),
+        "ratio_ort_network_over_whole": median(ort_times) / median(walls),
+    }
 
 
 # --------------------------------------------------------------------------- main
@@ -362,6 +416,10 @@ def main() -> None:
                              "(default: 3)")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object per case on stdout (progress on stderr)")
+    parser.add_argument("--whole", choices=["png", "jpg"],
+                        help="time whole `upscaler upscale` runs of a PNG or JPEG of each "
+                             "size (process start to exit) against onnxruntime's network "
+                             "alone, interleaved run by run")
     parser.add_argument("--skip-check", action="store_true",
                         help="skip the pixel comparison with `upscaler upscale`")
     args = parser.parse_args()
@@ -391,6 +449,10 @@ def main() -> None:
             if not ok:
                 fail(f"{model}: the ONNX network and upscaler disagree (max |diff| "
                      f"{c['max_abs_diff']} > 1); timings would compare different work")
+
+    if args.whole:
+        whole_main(binary, args, sessions, log)
+        return
 
     rows = []
     if not args.json:
@@ -430,6 +492,35 @@ def main() -> None:
     if not args.json:
         print("\nort/upscaler above 1: upscaler is faster. Medians of "
               f"{args.runs} pass(es) after a warm-up; rerun on a quiet machine to judge noise.")
+
+
+def whole_main(binary: Path, args, sessions: dict, log) -> None:
+    if not args.json:
+        print(f"\nwhole `upscaler upscale` of a {args.whole.upper()} against onnxruntime's "
+              f"network alone\n{'model':<24} {'input':>9} {'whole s':>8} {'user s':>7} "
+              f"{'sys s':>6} {'sys %':>6} {'ort s':>8} {'ort/whole':>10}")
+    for model in args.models:
+        for size in args.sizes:
+            t = time_whole(binary, model, sessions[model], size, args.runs, args.whole)
+            row = {"model": model, "width": size, "height": size, "runs": args.runs,
+                   "format": args.whole, **t, "onnxruntime_version": ort_version()}
+            if args.json:
+                print(json.dumps(row), flush=True)
+                continue
+            sys_share = 100.0 * t["whole_sys_seconds"] / t["whole_seconds"]
+            print(f"{model:<24} {f'{size}x{size}':>9} {t['whole_seconds']:>8.3f} "
+                  f"{t['whole_user_seconds']:>7.2f} {t['whole_sys_seconds']:>6.2f} "
+                  f"{sys_share:>5.1f}% {t['onnxruntime_seconds']:>8.3f} "
+                  f"{t['ratio_ort_network_over_whole']:>9.2f}x", flush=True)
+    if not args.json:
+        print(f"\nMedians of {args.runs} interleaved run(s) after a warm-up; user and sys are "
+              "those of the median run.")
+
+
+def ort_version() -> str:
+    import onnxruntime as ort
+
+    return ort.__version__
 
 
 if __name__ == "__main__":
