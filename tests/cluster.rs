@@ -81,6 +81,11 @@ fn secantusd(test: &str) -> Option<PathBuf> {
     }
 }
 
+/// Held by the cluster that runs now. Each cluster's instances use every core, so clusters
+/// started side by side (the test harness runs tests in parallel) slow each other down past
+/// the tests' time limits on a small machine; they take turns instead.
+static ONE_CLUSTER_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// One Redis, one Mongo-wire server and N service instances, all on loopback.
 struct Cluster {
     dir: tempfile::TempDir,
@@ -90,6 +95,8 @@ struct Cluster {
     redis: Option<Proc>,
     mongo: Option<Proc>,
     instances: Vec<Instance>,
+    /// Last, so it is released after every process above has been stopped.
+    _turn: std::sync::MutexGuard<'static, ()>,
 }
 
 struct Instance {
@@ -101,6 +108,10 @@ struct Instance {
 impl Cluster {
     async fn start(test: &str, instances: usize) -> Option<Self> {
         let secantusd = secantusd(test)?;
+        // A test that failed while holding the turn poisons the lock; the next may go on.
+        let turn = ONE_CLUSTER_AT_A_TIME
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         let mut c = Self {
             dir: tempfile::tempdir().unwrap(),
             secantusd,
@@ -109,6 +120,7 @@ impl Cluster {
             redis: None,
             mongo: None,
             instances: Vec::new(),
+            _turn: turn,
         };
         c.start_redis();
         c.start_mongo();
