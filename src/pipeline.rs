@@ -8,7 +8,9 @@ use std::ops::ControlFlow;
 use candle_core::Tensor;
 use image::DynamicImage;
 
-use crate::imaging::{self, ImagingError, OutputFormat, PixelWriter, Planes};
+use crate::imaging::{
+    self, ColorMode, ImagingError, OutputFormat, PixelWriter, Planes, Target, GRAY_WEIGHTS,
+};
 use crate::model::tiling::{self, TileSink, TileView};
 use crate::model::{Arch, Model, ModelError, Progress, TileOptions};
 
@@ -131,31 +133,76 @@ pub fn planned_passes(
     h: usize,
     has_alpha: bool,
 ) -> usize {
-    let per_pass = tiling::tile_count(arch.scale(), h, w, &opts.tile_options(arch, h, w));
-    per_pass
-        * if has_alpha && opts.alpha == AlphaMode::Network {
-            2
-        } else {
-            1
-        }
+    let per_pass = tiling::tile_count(arch.unshuffle(), h, w, &opts.tile_options(arch, h, w));
+    // A 4-channel network takes alpha with the colour; others give it a pass of its own.
+    let alpha_pass = has_alpha && opts.alpha == AlphaMode::Network && arch.channels() != (4, 4);
+    per_pass * if alpha_pass { 2 } else { 1 }
 }
 
 struct WriterSink<'a> {
     writer: &'a mut PixelWriter,
-    is_alpha: bool,
+    target: Target,
 }
 
 impl TileSink for WriterSink<'_> {
     fn put(&mut self, x: usize, y: usize, tile: &TileView<'_>) -> Result<(), ModelError> {
         let (w, h) = (tile.width(), tile.height());
-        self.writer
-            .put_rows(x, y, w, h, |c, row| tile.row(c, row), self.is_alpha);
+        self.writer.put_rows(
+            x,
+            y,
+            w,
+            h,
+            tile.channels(),
+            |c, row| tile.row(c, row),
+            self.target,
+        );
         Ok(())
+    }
+}
+
+/// The colour mode of the output: the input's, but gray for a network that gives one
+/// channel (a colour input's colour is gone), and with the input's alpha kept.
+fn output_mode(input: ColorMode, net_out: usize) -> ColorMode {
+    match (net_out, input.has_alpha()) {
+        (1, false) => ColorMode::Gray,
+        (1, true) => ColorMode::GrayAlpha,
+        _ => input,
+    }
+}
+
+/// The network's input planes, `(channels, h, w)`, from an image's: gray as the BT.601 luma
+/// (exactly the gray value for a gray image), RGBA with opaque alpha when it has none.
+fn network_input(planes: &Planes, channels: usize) -> Vec<f32> {
+    let n = planes.width * planes.height;
+    let rgb = &planes.rgb;
+    match channels {
+        1 if planes.mode.is_gray() => rgb[..n].to_vec(),
+        1 => (0..n)
+            .map(|i| {
+                GRAY_WEIGHTS[0] * rgb[i]
+                    + GRAY_WEIGHTS[1] * rgb[n + i]
+                    + GRAY_WEIGHTS[2] * rgb[2 * n + i]
+            })
+            .collect(),
+        4 => {
+            let mut v = rgb.clone();
+            match &planes.alpha {
+                Some(a) => v.extend_from_slice(a),
+                None => v.resize(4 * n, 1.0),
+            }
+            v
+        }
+        _ => rgb.clone(),
     }
 }
 
 /// Upscales a decoded image. `on_progress` sees every network pass (the alpha pass counts
 /// too) and may cancel between tiles.
+///
+/// A 3-channel network gets RGB (gray replicated), a 1-channel one gray, a 4-channel one
+/// RGBA. The alpha of an image goes through the network as its own pass (replicated to the
+/// network's channels, as Real-ESRGAN does), or is resized bilinearly, except with a
+/// 4-channel network, which takes it with the colour.
 pub fn enhance(
     model: &Model,
     img: &DynamicImage,
@@ -163,19 +210,22 @@ pub fn enhance(
     on_progress: &mut dyn FnMut(Progress) -> ControlFlow<()>,
 ) -> Result<DynamicImage, PipelineError> {
     let scale = model.scale();
+    let (cin, cout) = model.spec().arch.channels();
     let planes = Planes::from_image(img);
     let (w, h) = (planes.width, planes.height);
     let resize_to = opts.output_size(scale, w, h)?;
     let tiles = opts.tile_options(&model.spec().arch, h, w);
-    let per_pass = tiling::tile_count(scale, h, w, &tiles);
-    let alpha_via_net = planes.alpha.is_some() && opts.alpha == AlphaMode::Network;
-    let total = planned_passes(&model.spec().arch, opts, w, h, planes.alpha.is_some());
+    let per_pass = tiling::tile_count(model.spec().arch.unshuffle(), h, w, &tiles);
+    let alpha_in_net = cin == 4 && cout == 4;
+    let has_alpha = planes.alpha.is_some();
+    let alpha_pass = has_alpha && !alpha_in_net && opts.alpha == AlphaMode::Network;
+    let total = per_pass * if alpha_pass { 2 } else { 1 };
 
-    let mut writer = PixelWriter::new(w * scale, h * scale, planes.mode, planes.depth);
-    let to_tensor = |data: Vec<f32>| Tensor::from_vec(data, (1, 3, h, w), model.device());
-    let rgb = to_tensor(planes.rgb)?;
-    let mut pass = |input: &Tensor, writer: &mut PixelWriter, is_alpha: bool, offset: usize| {
-        let mut sink = WriterSink { writer, is_alpha };
+    let mode = output_mode(planes.mode, cout);
+    let mut writer = PixelWriter::new(w * scale, h * scale, mode, planes.depth);
+    let to_tensor = |data: Vec<f32>| Tensor::from_vec(data, (1, cin, h, w), model.device());
+    let mut pass = |input: &Tensor, writer: &mut PixelWriter, target: Target, offset: usize| {
+        let mut sink = WriterSink { writer, target };
         tiling::run(model, input, &tiles, &mut sink, &mut |p| {
             on_progress(Progress {
                 done: offset + p.done,
@@ -183,12 +233,18 @@ pub fn enhance(
             })
         })
     };
-    pass(&rgb, &mut writer, false, 0)?;
-    drop(rgb);
-    if let Some(alpha) = planes.alpha {
-        if alpha_via_net {
-            let alpha3 = to_tensor(alpha.repeat(3))?;
-            pass(&alpha3, &mut writer, true, per_pass)?;
+    let color = to_tensor(network_input(&planes, cin))?;
+    let target = if alpha_in_net {
+        Target::ColorAndAlpha
+    } else {
+        Target::Color
+    };
+    pass(&color, &mut writer, target, 0)?;
+    drop(color);
+    if let Some(alpha) = planes.alpha.filter(|_| !alpha_in_net) {
+        if alpha_pass {
+            let alpha_planes = to_tensor(alpha.repeat(cin))?;
+            pass(&alpha_planes, &mut writer, Target::Alpha, per_pass)?;
         } else {
             writer.put_alpha_plane(&imaging::resize_plane_bilinear(
                 &alpha,

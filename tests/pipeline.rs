@@ -42,20 +42,6 @@ fn input_tensor(img: &RgbImage) -> Tensor {
     Tensor::from_vec(data, (1, 3, h, w), &Device::Cpu).unwrap()
 }
 
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
-}
-
 fn opts(tile: usize, tile_pad: usize, pre_pad: usize) -> EnhanceOptions {
     EnhanceOptions {
         tile: TileSize::Fixed(tile),
@@ -106,7 +92,7 @@ fn tiles_with_enough_context_reproduce_the_whole_image() {
     )
     .unwrap();
     assert_eq!(whole.dims(), &[1, 3, 120, 180]);
-    assert!(max_abs_diff(&whole, &tiled) < 1e-4);
+    assert!(common::max_abs_diff(&whole, &tiled) < 1e-4);
     // Without context the seams show: the test can tell tiling apart.
     let seamy = run_to_tensor(
         &model,
@@ -118,7 +104,7 @@ fn tiles_with_enough_context_reproduce_the_whole_image() {
         },
     )
     .unwrap();
-    assert!(max_abs_diff(&whole, &seamy) > 1e-3);
+    assert!(common::max_abs_diff(&whole, &seamy) > 1e-3);
 }
 
 #[test]
@@ -138,7 +124,7 @@ fn x2_rrdbnet_unshuffles_and_tiles_consistently() {
         },
     )
     .unwrap();
-    assert!(max_abs_diff(&whole, &tiled) < 1e-4);
+    assert!(common::max_abs_diff(&whole, &tiled) < 1e-4);
     let err = run_to_tensor(
         &model,
         &x,
@@ -175,9 +161,9 @@ fn pre_pad_keeps_the_size_and_only_touches_the_far_edges() {
             .narrow(3, 0, 4 * (40 - 19))
             .unwrap()
     };
-    assert!(max_abs_diff(&crop(&plain), &crop(&padded)) < 1e-4);
+    assert!(common::max_abs_diff(&crop(&plain), &crop(&padded)) < 1e-4);
     // ...while the edges do see the reflected context.
-    assert!(max_abs_diff(&plain, &padded) > 1e-4);
+    assert!(common::max_abs_diff(&plain, &padded) > 1e-4);
     // A pad as large as the image cannot be reflected.
     let err = run_to_tensor(
         &model,
@@ -521,7 +507,7 @@ fn fast_path_matches_the_reference_networks() {
             let want = reference.forward(&x).unwrap();
             for isa in Isa::available() {
                 let fast = model.with_isa(isa).unwrap().forward(&x).unwrap();
-                let diff = max_abs_diff(&fast, &want);
+                let diff = common::max_abs_diff(&fast, &want);
                 // Outputs are in [0, 1]; one 8-bit step is 0.0039.
                 assert!(
                     diff < 2e-4,
@@ -553,7 +539,7 @@ fn passes_reuse_their_working_memory() {
     let again = pass(24, 20);
     assert_eq!(model.arena_bytes(), held, "the same size reuses them");
     assert_eq!(
-        max_abs_diff(&first, &again),
+        common::max_abs_diff(&first, &again),
         0.0,
         "and leaves no trace in the result"
     );
@@ -590,7 +576,7 @@ fn weights_prepared_per_call_give_the_same_pixels() {
                 let want = once.with_isa(isa).unwrap().forward(&x).unwrap();
                 let got = per_call.with_isa(isa).unwrap().forward(&x).unwrap();
                 assert_eq!(
-                    max_abs_diff(&got, &want),
+                    common::max_abs_diff(&got, &want),
                     0.0,
                     "{} on {isa:?}, round {round}",
                     once.spec().name

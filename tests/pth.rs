@@ -8,16 +8,19 @@ use upscaler::model::{srvgg, weights, Arch, Model, ModelError, ModelSpec};
 
 fn tiny_spec() -> ModelSpec {
     ModelSpec {
-        name: "tiny-srvgg",
+        name: "tiny-srvgg".into(),
         arch: Arch::SrVgg(srvgg::Config {
             num_in_ch: 3,
             num_out_ch: 3,
             num_feat: 4,
             num_conv: 1,
             upscale: 4,
+            act: srvgg::Act::PRelu,
         }),
-        description: "test network",
+        description: "test network".into(),
         shipped: false,
+        weights_file: "tiny.pth".into(),
+        resize: None,
     }
 }
 

@@ -12,7 +12,9 @@ use std::io::{BufRead, Cursor, Read, Seek};
 use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader, Limits};
 
 pub use encode::{encode, ensure_encodable, OutputFormat};
-pub use planes::{resize_plane_bilinear, ColorMode, Depth, PixelWriter, Planes, GRAY_WEIGHTS};
+pub use planes::{
+    resize_plane_bilinear, ColorMode, Depth, PixelWriter, Planes, Target, GRAY_WEIGHTS,
+};
 
 /// Default input pixel limit: a 5000 x 5000 image.
 pub const DEFAULT_MAX_PIXELS: u64 = 5000 * 5000;

@@ -95,6 +95,17 @@ impl Planes {
     }
 }
 
+/// Which output channels a tile gives to `PixelWriter::put_rows`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// The colour (or gray) channels.
+    Color,
+    /// The alpha channel, from a pass of the alpha plane through the network.
+    Alpha,
+    /// Colour and, from a 4-channel network's fourth channel, alpha.
+    ColorAndAlpha,
+}
+
 /// Collects network output tiles into the final integer image.
 ///
 /// Values are clamped to `[0, 1]`, reduced to gray where the input was gray, and rounded half
@@ -168,40 +179,70 @@ impl PixelWriter {
     ) {
         assert_eq!(planes.len(), 3 * w * h, "tile is not (3, {h}, {w})");
         let row_of = |c: usize, row: usize| &planes[(c * h + row) * w..][..w];
-        self.put_rows(x, y, w, h, row_of, is_alpha);
+        let target = if is_alpha {
+            Target::Alpha
+        } else {
+            Target::Color
+        };
+        self.put_rows(x, y, w, h, 3, row_of, target);
     }
 
-    /// `put_tile` with the tile's three planes read a row at a time: `rows(c, row)` gives
-    /// the `w` values of channel `c` at `row`.
+    /// Writes a planar tile of `channels` (1 gray, 3 RGB or 4 RGBA) read a row at a time:
+    /// `rows(c, row)` gives the `w` values of channel `c` at `row`. Colour is reduced to
+    /// gray, or gray replicated, as the output needs; `target` says which output channels
+    /// the tile gives.
+    #[allow(clippy::too_many_arguments)]
     pub fn put_rows<'a>(
         &mut self,
         x: usize,
         y: usize,
         w: usize,
         h: usize,
+        channels: usize,
         rows: impl Fn(usize, usize) -> &'a [f32],
-        is_alpha: bool,
+        target: Target,
     ) {
+        assert!(
+            matches!(channels, 1 | 3 | 4),
+            "tiles have 1, 3 or 4 channels"
+        );
+        let alpha_at = self.channels - 1;
         for row in 0..h {
-            let (rr, gg, bb) = (rows(0, row), rows(1, row), rows(2, row));
-            assert!(
-                rr.len() == w && gg.len() == w && bb.len() == w,
-                "rows of {w}"
-            );
+            let planes: [&[f32]; 4] = std::array::from_fn(|c| rows(c.min(channels - 1), row));
+            assert!(planes.iter().all(|p| p.len() == w), "rows of {w}");
             for col in 0..w {
-                let (r, g, b) = (rr[col], gg[col], bb[col]);
+                let v: [f32; 4] = planes.map(|p| p[col]);
+                // A gray tile's one value stands for all three colours.
+                let (r, g, b) = if channels == 1 {
+                    (v[0], v[0], v[0])
+                } else {
+                    (v[0], v[1], v[2])
+                };
+                let luma = || {
+                    if channels == 1 {
+                        v[0]
+                    } else {
+                        Self::gray(r, g, b)
+                    }
+                };
                 let base = ((y + row) * self.width + x + col) * self.channels;
-                if is_alpha {
-                    let v = self.quantize(Self::gray(r, g, b));
-                    self.data.set(base + self.channels - 1, v);
-                } else if self.mode.is_gray() {
-                    let v = self.quantize(Self::gray(r, g, b));
-                    self.data.set(base, v);
+                if target == Target::Alpha {
+                    let q = self.quantize(luma());
+                    self.data.set(base + alpha_at, q);
+                    continue;
+                }
+                if self.mode.is_gray() {
+                    let q = self.quantize(luma());
+                    self.data.set(base, q);
                 } else {
                     for (c, v) in [r, g, b].into_iter().enumerate() {
                         let q = self.quantize(v);
                         self.data.set(base + c, q);
                     }
+                }
+                if target == Target::ColorAndAlpha && self.mode.has_alpha() {
+                    let q = self.quantize(v[3]);
+                    self.data.set(base + alpha_at, q);
                 }
             }
         }

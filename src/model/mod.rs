@@ -5,14 +5,18 @@
 //! the network. Inputs and outputs are `(1, 3, H, W)` tensors with values in `[0, 1]`.
 
 pub mod arena;
+pub mod catalog;
+pub mod detect;
 pub mod fastconv;
 mod layout;
 pub mod ncnn;
 pub mod registry;
+pub mod resize;
 pub mod rrdbnet;
 pub mod simd;
 pub mod srvgg;
 pub mod tiling;
+pub mod torch;
 pub mod weights;
 
 use candle_core::{Device, Module, Tensor};
@@ -25,6 +29,12 @@ pub use tiling::{Progress, TileOptions, TileView};
 pub enum ModelError {
     #[error("unknown model `{0}` (known: {known})", known = registry::names().join(", "))]
     UnknownModel(String),
+    #[error("unknown model `{name}` (installed: {known})")]
+    UnknownModelIn { name: String, known: String },
+    #[error(
+        "model `{0}` is not installed on this server: its weights are not in the weights folder"
+    )]
+    NotInstalled(String),
     #[error("weights for `{model}` not found at {path}")]
     WeightsNotFound { model: String, path: String },
     #[error("cannot read {path}: {cause}")]
@@ -139,10 +149,10 @@ impl FastNetwork {
                         net.in_channels() / (net.unshuffle() * net.unshuffle())
                     )));
                 }
-                let cout = net.out_channels();
+                let (cout, g) = (net.out_channels(), net.growth());
                 layout::with_cpu_slice(&xs, |x| {
                     net.run(x, bh, bw, arena, isa, |out| {
-                        f(TileView::whole(out, cout, 4 * bh, 4 * bw))
+                        f(TileView::whole(out, cout, g * bh, g * bw))
                     })
                 })
             }
@@ -159,6 +169,8 @@ pub struct Model {
     fast: Option<FastNetwork>,
     /// The fast path's working memory, shared by clones (see `arena`).
     arenas: arena::ArenaPool,
+    /// Where a model with a resize after the network puts the resized output.
+    resized: arena::ArenaPool,
     /// The instruction-set path of the fast convolutions.
     isa: Isa,
     device: Device,
@@ -179,7 +191,17 @@ impl Model {
         prepare: Prepare,
     ) -> Result<Self, ModelError> {
         let fast = match device {
-            Device::Cpu => Some(FastNetwork::new(&net, prepare)?),
+            Device::Cpu => match FastNetwork::new(&net, prepare) {
+                Ok(f) => Some(f),
+                Err(e) => {
+                    tracing::warn!(
+                        model = spec.name,
+                        error = %e,
+                        "the fast path cannot run this model: using candle's convolutions"
+                    );
+                    None
+                }
+            },
             _ => None,
         };
         Ok(Self {
@@ -187,6 +209,7 @@ impl Model {
             net,
             fast,
             arenas: arena::ArenaPool::default(),
+            resized: arena::ArenaPool::default(),
             isa: Isa::active(),
             device,
         })
@@ -213,6 +236,7 @@ impl Model {
         Ok(Self {
             isa,
             arenas: arena::ArenaPool::default(),
+            resized: arena::ArenaPool::default(),
             ..self.clone()
         })
     }
@@ -229,7 +253,7 @@ impl Model {
 
     /// Bytes of working memory the fast path keeps between passes.
     pub fn arena_bytes(&self) -> usize {
-        self.arenas.idle_bytes()
+        self.arenas.idle_bytes() + self.resized.idle_bytes()
     }
     /// Loads `spec` from a weights file (safetensors, `.pth`, or an ncnn `.param` with its `.bin`).
     pub fn load(
@@ -256,8 +280,9 @@ impl Model {
         &self.spec
     }
 
+    /// Output pixels per input pixel, per side (after any resize the model ends with).
     pub fn scale(&self) -> usize {
-        self.spec.arch.scale()
+        self.spec.scale()
     }
 
     pub fn device(&self) -> &Device {
@@ -270,7 +295,7 @@ impl Model {
 
     /// Runs the network on a `(1, 3, H, W)` input without tiling.
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor, ModelError> {
-        if self.fast.is_none() {
+        if self.fast.is_none() && self.spec.resize.is_none() {
             return Ok(self.net.forward(xs)?);
         }
         self.forward_with(xs, |out| out.to_tensor(&self.device))
@@ -284,6 +309,24 @@ impl Model {
         xs: &Tensor,
         f: impl FnOnce(TileView<'_>) -> Result<R, ModelError>,
     ) -> Result<R, ModelError> {
+        let f = |out: TileView<'_>| match self.spec.resize {
+            None => f(out),
+            Some(r) => {
+                let (h, w) = (out.height(), out.width());
+                if h < 4 || w < 4 {
+                    return Err(ModelError::Input(format!(
+                        "{} needs an input of at least 4x4 pixels per tile",
+                        self.spec.name
+                    )));
+                }
+                let (oh, ow) = (r.out_len(h), r.out_len(w));
+                self.resized.with(|a| {
+                    let dst = a.slot(0, out.channels() * oh * ow);
+                    resize::bicubic(&out, oh, ow, dst);
+                    f(TileView::whole(dst, out.channels(), oh, ow))
+                })
+            }
+        };
         match &self.fast {
             Some(fast) => self
                 .arenas

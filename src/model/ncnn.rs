@@ -14,6 +14,8 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor};
 use half::f16;
 
+use super::detect::Shapes;
+use super::resize::Resize;
 use super::ModelError;
 
 const PARAM_MAGIC: &str = "7767517";
@@ -55,6 +57,26 @@ impl Layer {
             }),
         }
     }
+
+    /// A Convolution layer's weight shape (OIHW), its weight count as the layer states it,
+    /// and whether it has a bias.
+    fn conv(&self) -> Result<Conv, ModelError> {
+        let num_output = self.int(0, None)?;
+        let kw = self.int(1, None)?;
+        let kh = self.int(11, Some(kw))?;
+        let size = self.int(6, None)?;
+        Ok(Conv {
+            shape: vec![num_output, size / (num_output * kw * kh).max(1), kh, kw],
+            size,
+            bias: self.int(5, Some(0))? == 1,
+        })
+    }
+}
+
+struct Conv {
+    shape: Vec<usize>,
+    size: usize,
+    bias: bool,
 }
 
 /// Parses the text `.param` file into its layer list.
@@ -180,16 +202,15 @@ pub fn import(
     for layer in layers {
         match layer.kind.as_str() {
             "Convolution" => {
-                let num_output = layer.int(0, None)?;
-                let kw = layer.int(1, None)?;
-                let kh = layer.int(11, Some(kw))?;
-                let has_bias = layer.int(5, Some(0))? == 1;
-                let size = layer.int(6, None)?;
+                let Conv {
+                    shape: got,
+                    size,
+                    bias: has_bias,
+                } = layer.conv()?;
+                let num_output = got[0];
                 let (name, shape) = next_slot(layer, "weight")?;
                 let what = format!("{} (-> {name})", layer.name);
-                let in_ch = size / (num_output * kw * kh).max(1);
-                let got = vec![num_output, in_ch, kh, kw];
-                if got != shape || in_ch * num_output * kw * kh != size {
+                if got != shape || got.iter().product::<usize>() != size {
                     return Err(ModelError::ShapeMismatch {
                         name,
                         expected: shape,
@@ -249,6 +270,119 @@ pub fn import(
         .values()
         .all(|t| matches!(t.dtype(), DType::F16 | DType::F32)));
     Ok(out)
+}
+
+/// What an ncnn graph of RRDBNet or SRVGGNetCompact holds: its tensors' shapes under the
+/// names our networks read (layers in module order: a PReLU graph is SRVGGNetCompact, whose
+/// `body` alternates convolutions and PReLUs; otherwise RRDBNet, whose convolutions are
+/// `conv_first`, 15 per RRDB block, `conv_body`, one per upsampling stage, `conv_hr` and
+/// `conv_last`), and the resize a graph ends with, if any (ncnn's x2/x3 animevideov3).
+pub fn recognise(layers: &[Layer]) -> Result<(Shapes, Option<Resize>), ModelError> {
+    let mut convs = Vec::new();
+    let mut slopes = Vec::new();
+    let mut order = Vec::new();
+    for layer in layers {
+        match layer.kind.as_str() {
+            "Convolution" => {
+                let conv = layer.conv()?;
+                order.push(true);
+                convs.push((conv.shape, conv.bias));
+            }
+            "PReLU" => {
+                order.push(false);
+                slopes.push(layer.int(0, Some(1))?);
+            }
+            _ => {}
+        }
+    }
+    let mut shapes = Shapes::new();
+    let put = |shapes: &mut Shapes, name: String, (w, bias): &(Vec<usize>, bool)| {
+        if *bias {
+            shapes.insert(format!("{name}.bias"), vec![w[0]]);
+        }
+        shapes.insert(format!("{name}.weight"), w.clone());
+    };
+    if !slopes.is_empty() {
+        let (mut c, mut p) = (convs.iter(), slopes.iter());
+        for (i, is_conv) in order.iter().enumerate() {
+            if *is_conv {
+                put(&mut shapes, format!("body.{i}"), c.next().expect("counted"));
+            } else {
+                shapes.insert(
+                    format!("body.{i}.weight"),
+                    vec![*p.next().expect("counted")],
+                );
+            }
+        }
+    } else {
+        let n = convs.len();
+        if n < 4 + 15 {
+            return Err(ModelError::format(format!(
+                "an ncnn graph of {n} convolutions and no PReLU: neither SRVGGNetCompact nor \
+                 RRDBNet"
+            )));
+        }
+        let (blocks, ups) = ((n - 4) / 15, (n - 4) % 15);
+        let mut c = convs.iter();
+        put(&mut shapes, "conv_first".into(), c.next().expect("counted"));
+        for b in 0..blocks {
+            for k in 1..=3 {
+                for j in 1..=5 {
+                    put(
+                        &mut shapes,
+                        format!("body.{b}.rdb{k}.conv{j}"),
+                        c.next().expect("counted"),
+                    );
+                }
+            }
+        }
+        put(&mut shapes, "conv_body".into(), c.next().expect("counted"));
+        for m in 1..=ups {
+            put(
+                &mut shapes,
+                format!("conv_up{m}"),
+                c.next().expect("counted"),
+            );
+        }
+        put(&mut shapes, "conv_hr".into(), c.next().expect("counted"));
+        put(&mut shapes, "conv_last".into(), c.next().expect("counted"));
+    }
+    Ok((shapes, trailing_resize(layers)?))
+}
+
+/// A bicubic `Interp` by a constant factor as the graph's last layer.
+fn trailing_resize(layers: &[Layer]) -> Result<Option<Resize>, ModelError> {
+    let Some(last) = layers.last().filter(|l| l.kind == "Interp") else {
+        return Ok(None);
+    };
+    let float = |key: i32| -> Result<f64, ModelError> {
+        match last.params.get(&key) {
+            Some(v) => v.parse().map_err(|_| {
+                ModelError::format(format!(
+                    "layer {}: parameter {key}={v} is not a number",
+                    last.name
+                ))
+            }),
+            None => Ok(1.0),
+        }
+    };
+    let (kind, hs, ws) = (last.int(0, Some(0))?, float(1)?, float(2)?);
+    // Factors of the form n/4 (the x4 network's output made 1x, 2x or 3x).
+    let quarters = (ws * 4.0).round();
+    if kind != 3
+        || hs != ws
+        || (ws * 4.0 - quarters).abs() > 1e-6
+        || !(1.0..4.0).contains(&quarters)
+    {
+        return Err(ModelError::format(format!(
+            "the graph ends with a resize (`Interp` type {kind}, scale {hs} x {ws}) other than \
+             a bicubic one by 1/4, 2/4 or 3/4"
+        )));
+    }
+    Ok(Some(Resize {
+        num: quarters as usize,
+        den: 4,
+    }))
 }
 
 #[cfg(test)]

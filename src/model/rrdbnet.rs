@@ -13,17 +13,26 @@ use super::arena::Arena;
 use super::fastconv::{Activation, Conv3x3, Epilogue, Io, Isa, Prepare, Residual};
 use super::layout;
 
-/// Shape of an RRDBNet. `scale` is the overall upscaling factor (1, 2 or 4); for 1 and 2 the
-/// input is pixel-unshuffled first, exactly as BasicSR does, so the body always works at a
-/// quarter of the output resolution.
+/// Shape of an RRDBNet, in any of the configurations ESRGAN-family models use.
+///
+/// The body works at the input resolution divided by `unshuffle` (BasicSR's 2x and 1x models
+/// pixel-unshuffle the input by 2 or 4 first); each of the `num_upsample` stages doubles it
+/// (nearest neighbour, then a convolution). The overall scale is `2^num_upsample / unshuffle`:
+/// 1, 2, 4, 8 or 16.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub num_in_ch: usize,
     pub num_out_ch: usize,
-    pub scale: usize,
     pub num_feat: usize,
     pub num_block: usize,
     pub num_grow_ch: usize,
+    /// 2x upsampling stages (`conv_up1`, `conv_up2`, ...): 0 to 4.
+    pub num_upsample: usize,
+    /// Pixel-unshuffle factor of the input: 1, 2 or 4.
+    pub unshuffle: usize,
+    /// ESRGAN+: every dense block adds a bias-free 1x1 convolution of its input to its
+    /// second output, and that output to its fourth.
+    pub plus: bool,
 }
 
 impl Config {
@@ -32,10 +41,12 @@ impl Config {
         Self {
             num_in_ch: 3,
             num_out_ch: 3,
-            scale: 4,
             num_feat: 64,
             num_block: 23,
             num_grow_ch: 32,
+            num_upsample: 2,
+            unshuffle: 1,
+            plus: false,
         }
     }
 
@@ -50,40 +61,79 @@ impl Config {
     /// `RealESRGAN_x2plus`: 23 blocks at 2x with a pixel-unshuffled input.
     pub fn x2plus() -> Self {
         Self {
-            scale: 2,
+            unshuffle: 2,
             ..Self::x4plus()
         }
     }
 
-    /// The pixel-unshuffle factor applied to the input before the first convolution (as
-    /// BasicSR does for scales 2 and 1), so the body works at a quarter of the output size.
-    pub fn unshuffle(&self) -> usize {
-        match self.scale {
-            2 => 2,
-            1 => 4,
-            _ => 1,
+    /// Output pixels per input pixel, per side.
+    pub fn scale(&self) -> usize {
+        (1 << self.num_upsample) / self.unshuffle
+    }
+
+    /// Why this configuration cannot be built, if it cannot.
+    pub fn check(&self) -> std::result::Result<(), String> {
+        if self.num_upsample > 4 {
+            return Err(format!(
+                "{} upsampling stages (at most 4, for 16x)",
+                self.num_upsample
+            ));
         }
+        if !matches!(self.unshuffle, 1 | 2 | 4) || self.unshuffle > 1 << self.num_upsample {
+            return Err(format!(
+                "a pixel unshuffle by {} with {} upsampling stages",
+                self.unshuffle, self.num_upsample
+            ));
+        }
+        if [
+            self.num_in_ch,
+            self.num_out_ch,
+            self.num_feat,
+            self.num_grow_ch,
+        ]
+        .contains(&0)
+        {
+            return Err("a layer without channels".into());
+        }
+        Ok(())
     }
 
     /// Channels the first convolution sees after the pixel unshuffle.
-    fn first_conv_in_ch(&self) -> usize {
-        self.num_in_ch * self.unshuffle() * self.unshuffle()
+    pub fn first_conv_in_ch(&self) -> usize {
+        self.num_in_ch * self.unshuffle * self.unshuffle
     }
 
     /// Multiply-adds per input pixel, counting every convolution.
     pub fn macs_per_input_pixel(&self) -> u64 {
         let k = 9u64;
         let (f, g) = (self.num_feat as u64, self.num_grow_ch as u64);
-        let body_px = (self.unshuffle() * self.unshuffle()) as u64;
+        let body_px = (self.unshuffle * self.unshuffle) as u64;
         // The body runs at input / unshuffle resolution: count per body pixel, then rescale.
         let first = self.first_conv_in_ch() as u64 * f * k;
-        let rdb: u64 = (0..4).map(|i| (f + i * g) * g * k).sum::<u64>() + (f + 4 * g) * f * k;
+        let plus = if self.plus { f * g } else { 0 };
+        let rdb: u64 =
+            (0..4).map(|i| (f + i * g) * g * k).sum::<u64>() + (f + 4 * g) * f * k + plus;
         let body = rdb * 3 * self.num_block as u64 + f * f * k;
         let per_body_px = first + body;
-        // Upsampling convs run at 2x and 4x of the body resolution (4 and 16 pixels each).
-        let up = f * f * k * 4 + f * f * k * 16;
-        let tail = f * f * k * 16 + f * self.num_out_ch as u64 * k * 16;
+        // Upsampling stage m runs at 4^m body pixels; the last two convolutions at the end.
+        let up: u64 = (1..=self.num_upsample as u32)
+            .map(|m| f * f * k * 4u64.pow(m))
+            .sum();
+        let tail =
+            (f * f * k + f * self.num_out_ch as u64 * k) * 4u64.pow(self.num_upsample as u32);
         (per_body_px + up + tail) / body_px
+    }
+
+    /// f32 values the fast path keeps per body pixel (its arena slots, see `FastRrdbNet::run`).
+    pub(crate) fn arena_floats_per_body_pixel(&self) -> usize {
+        let stride = self.num_feat + 4 * self.num_grow_ch;
+        let wide = self.num_feat.max(self.num_out_ch);
+        let plus = if self.plus { self.num_grow_ch } else { 0 };
+        self.first_conv_in_ch()
+            + self.num_feat
+            + 3 * stride
+            + plus
+            + 2 * (1 << (2 * self.num_upsample)) * wide
     }
 }
 
@@ -100,20 +150,32 @@ fn lrelu(xs: &Tensor) -> Result<Tensor> {
 }
 
 /// Residual dense block: five convolutions, each seeing the concatenation of the block input
-/// and every earlier output.
+/// and every earlier output; ESRGAN+ adds a 1x1 convolution of the input to the second.
 #[derive(Debug, Clone)]
 struct ResidualDenseBlock {
     convs: [Conv2d; 5],
+    conv1x1: Option<Conv2d>,
 }
 
 impl ResidualDenseBlock {
-    fn new(num_feat: usize, num_grow_ch: usize, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+        let (num_feat, num_grow_ch) = (cfg.num_feat, cfg.num_grow_ch);
         let conv = |i: usize, out: usize| {
             conv3x3(
                 num_feat + (i - 1) * num_grow_ch,
                 out,
                 vb.pp(format!("conv{i}")),
             )
+        };
+        let conv1x1 = match cfg.plus {
+            true => Some(candle_nn::conv2d_no_bias(
+                num_feat,
+                num_grow_ch,
+                1,
+                Conv2dConfig::default(),
+                vb.pp("conv1x1"),
+            )?),
+            false => None,
         };
         Ok(Self {
             convs: [
@@ -123,6 +185,7 @@ impl ResidualDenseBlock {
                 conv(4, num_grow_ch)?,
                 conv(5, num_feat)?,
             ],
+            conv1x1,
         })
     }
 }
@@ -130,9 +193,18 @@ impl ResidualDenseBlock {
 impl Module for ResidualDenseBlock {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let mut feats = vec![x.clone()];
-        for conv in &self.convs[..4] {
+        for (i, conv) in self.convs[..4].iter().enumerate() {
             let input = Tensor::cat(&feats, 1)?;
-            feats.push(lrelu(&conv.forward(&input)?)?);
+            let mut out = lrelu(&conv.forward(&input)?)?;
+            if let Some(c1) = &self.conv1x1 {
+                // ESRGAN+: x2 += conv1x1(x), then x4 += x2 (the amended x2).
+                match i {
+                    1 => out = (out + c1.forward(x)?)?,
+                    3 => out = (out + &feats[2])?,
+                    _ => {}
+                }
+            }
+            feats.push(out);
         }
         let x5 = self.convs[4].forward(&Tensor::cat(&feats, 1)?)?;
         (x5 * 0.2)? + x
@@ -146,9 +218,8 @@ struct Rrdb {
 }
 
 impl Rrdb {
-    fn new(num_feat: usize, num_grow_ch: usize, vb: VarBuilder) -> Result<Self> {
-        let rdb =
-            |i: usize| ResidualDenseBlock::new(num_feat, num_grow_ch, vb.pp(format!("rdb{i}")));
+    fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+        let rdb = |i: usize| ResidualDenseBlock::new(cfg, vb.pp(format!("rdb{i}")));
         Ok(Self {
             rdbs: [rdb(1)?, rdb(2)?, rdb(3)?],
         })
@@ -171,27 +242,31 @@ pub struct RrdbNet {
     conv_first: Conv2d,
     body: Vec<Rrdb>,
     conv_body: Conv2d,
-    conv_up1: Conv2d,
-    conv_up2: Conv2d,
+    /// `conv_up1`, `conv_up2`, ...: one per upsampling stage.
+    conv_ups: Vec<Conv2d>,
     conv_hr: Conv2d,
     conv_last: Conv2d,
 }
 
 impl RrdbNet {
     pub fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+        cfg.check().map_err(candle_core::Error::msg)?;
         let f = cfg.num_feat;
         let conv_first = conv3x3(cfg.first_conv_in_ch(), f, vb.pp("conv_first"))?;
         let vb_body = vb.pp("body");
         let body = (0..cfg.num_block)
-            .map(|i| Rrdb::new(f, cfg.num_grow_ch, vb_body.pp(i)))
+            .map(|i| Rrdb::new(cfg, vb_body.pp(i)))
+            .collect::<Result<Vec<_>>>()?;
+        let conv_body = conv3x3(f, f, vb.pp("conv_body"))?;
+        let conv_ups = (1..=cfg.num_upsample)
+            .map(|m| conv3x3(f, f, vb.pp(format!("conv_up{m}"))))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             cfg: cfg.clone(),
             conv_first,
             body,
-            conv_body: conv3x3(f, f, vb.pp("conv_body"))?,
-            conv_up1: conv3x3(f, f, vb.pp("conv_up1"))?,
-            conv_up2: conv3x3(f, f, vb.pp("conv_up2"))?,
+            conv_body,
+            conv_ups,
             conv_hr: conv3x3(f, f, vb.pp("conv_hr"))?,
             conv_last: conv3x3(f, cfg.num_out_ch, vb.pp("conv_last"))?,
         })
@@ -209,7 +284,7 @@ fn upsample2x(xs: &Tensor) -> Result<Tensor> {
 
 impl Module for RrdbNet {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let feat = match self.cfg.unshuffle() {
+        let feat = match self.cfg.unshuffle {
             1 => xs.clone(),
             r => candle_nn::ops::pixel_unshuffle(xs, r)?,
         };
@@ -218,9 +293,10 @@ impl Module for RrdbNet {
         for block in &self.body {
             body = block.forward(&body)?;
         }
-        let feat = (feat + self.conv_body.forward(&body)?)?;
-        let feat = lrelu(&self.conv_up1.forward(&upsample2x(&feat)?)?)?;
-        let feat = lrelu(&self.conv_up2.forward(&upsample2x(&feat)?)?)?;
+        let mut feat = (feat + self.conv_body.forward(&body)?)?;
+        for up in &self.conv_ups {
+            feat = lrelu(&up.forward(&upsample2x(&feat)?)?)?;
+        }
         self.conv_last
             .forward(&lrelu(&self.conv_hr.forward(&feat)?)?)
     }
@@ -235,13 +311,21 @@ pub struct FastRrdbNet {
     /// Channels per pixel of the trunk's buffers: num_feat + 4 * num_grow_ch.
     stride: usize,
     conv_first: Conv3x3,
-    /// Per RRDB, per dense block, the five convolutions.
-    body: Vec<[[Conv3x3; 5]; 3]>,
+    /// Per RRDB, per dense block, its convolutions.
+    body: Vec<[Dense; 3]>,
     conv_body: Conv3x3,
-    conv_up1: Conv3x3,
-    conv_up2: Conv3x3,
+    conv_ups: Vec<Conv3x3>,
     conv_hr: Conv3x3,
     conv_last: Conv3x3,
+}
+
+/// One dense block's five convolutions, and ESRGAN+'s 1x1 one as a 3x3 convolution whose
+/// only non-zero taps are the centre ones (the same cost as `conv1`, a small share of the
+/// block).
+#[derive(Debug, Clone)]
+struct Dense {
+    convs: [Conv3x3; 5],
+    conv1x1: Option<Conv3x3>,
 }
 
 fn fast(conv: &Conv2d, act: Activation, prepare: Prepare) -> Result<Conv3x3> {
@@ -251,43 +335,64 @@ fn fast(conv: &Conv2d, act: Activation, prepare: Prepare) -> Result<Conv3x3> {
 impl FastRrdbNet {
     pub fn new(net: &RrdbNet, prepare: Prepare) -> Result<Self> {
         let lrelu = || Activation::LeakyRelu(0.2);
+        let dense = |rdb: &ResidualDenseBlock| -> Result<Dense> {
+            let c = &rdb.convs;
+            let conv1x1 = match &rdb.conv1x1 {
+                Some(c1) => {
+                    let centred = c1
+                        .weight()
+                        .pad_with_zeros(2, 1, 1)?
+                        .pad_with_zeros(3, 1, 1)?;
+                    Some(Conv3x3::prepared(
+                        &centred,
+                        None,
+                        Activation::None,
+                        prepare,
+                    )?)
+                }
+                None => None,
+            };
+            Ok(Dense {
+                convs: [
+                    fast(&c[0], lrelu(), prepare)?,
+                    fast(&c[1], lrelu(), prepare)?,
+                    fast(&c[2], lrelu(), prepare)?,
+                    fast(&c[3], lrelu(), prepare)?,
+                    fast(&c[4], Activation::None, prepare)?,
+                ],
+                conv1x1,
+            })
+        };
         let body = net
             .body
             .iter()
             .map(|rrdb| {
-                let block = |rdb: &ResidualDenseBlock| -> Result<[Conv3x3; 5]> {
-                    let c = &rdb.convs;
-                    Ok([
-                        fast(&c[0], lrelu(), prepare)?,
-                        fast(&c[1], lrelu(), prepare)?,
-                        fast(&c[2], lrelu(), prepare)?,
-                        fast(&c[3], lrelu(), prepare)?,
-                        fast(&c[4], Activation::None, prepare)?,
-                    ])
-                };
                 Ok([
-                    block(&rrdb.rdbs[0])?,
-                    block(&rrdb.rdbs[1])?,
-                    block(&rrdb.rdbs[2])?,
+                    dense(&rrdb.rdbs[0])?,
+                    dense(&rrdb.rdbs[1])?,
+                    dense(&rrdb.rdbs[2])?,
                 ])
             })
             .collect::<Result<Vec<_>>>()?;
         let stride = net.cfg.num_feat + 4 * net.cfg.num_grow_ch;
         for block in body.iter().flatten() {
-            for conv in &block[..4] {
+            for conv in &block.convs[..4] {
                 if conv.in_channels() + conv.out_channels() > stride {
                     candle_core::bail!("dense convolution wider than the trunk buffer");
                 }
             }
         }
         Ok(Self {
-            unshuffle: net.cfg.unshuffle(),
+            unshuffle: net.cfg.unshuffle,
             stride,
             conv_first: fast(&net.conv_first, Activation::None, prepare)?,
             body,
             conv_body: fast(&net.conv_body, Activation::None, prepare)?,
-            conv_up1: fast(&net.conv_up1, lrelu(), prepare)?,
-            conv_up2: fast(&net.conv_up2, lrelu(), prepare)?,
+            conv_ups: net
+                .conv_ups
+                .iter()
+                .map(|c| fast(c, lrelu(), prepare))
+                .collect::<Result<_>>()?,
             conv_hr: fast(&net.conv_hr, lrelu(), prepare)?,
             conv_last: fast(&net.conv_last, Activation::None, prepare)?,
         })
@@ -296,6 +401,11 @@ impl FastRrdbNet {
     /// The pixel-unshuffle factor applied to the input before the first convolution.
     pub fn unshuffle(&self) -> usize {
         self.unshuffle
+    }
+
+    /// Output pixels per body pixel, per side: 2 to the number of upsampling stages.
+    pub fn growth(&self) -> usize {
+        1 << self.conv_ups.len()
     }
 
     /// Channels the first convolution takes (after the unshuffle).
@@ -307,8 +417,8 @@ impl FastRrdbNet {
         self.conv_last.out_channels()
     }
 
-    /// One pass on `x`, the `(cin, h, w)` input planes (pixel-unshuffled already for
-    /// scales 1 and 2), in `arena`; `f` sees the `(out_ch, 4h, 4w)` output planes.
+    /// One pass on `x`, the `(cin, h, w)` input planes (pixel-unshuffled already), in
+    /// `arena`; `f` sees the `(out_ch, g * h, g * w)` output planes, `g` = `growth()`.
     pub(crate) fn run<R>(
         &self,
         x: &[f32],
@@ -325,47 +435,78 @@ impl FastRrdbNet {
         );
         let cout = self.conv_last.out_channels();
         let px = h * w;
-        let [input, feat, x0, t1, t2, up1, up2, hr] = arena.slots([
+        let g = self.growth();
+        let big = g * g * px * nf.max(cout);
+        let gc = self
+            .body
+            .first()
+            .map_or(0, |b| b[0].convs[0].out_channels());
+        let plus = if self.body.iter().flatten().any(|d| d.conv1x1.is_some()) {
+            px * gc
+        } else {
+            0
+        };
+        let [input, feat, x0, t1, t2, extra, a, b] = arena.slots([
             px * cin,
             px * nf,
             px * stride,
             px * stride,
             px * stride,
-            4 * px * nf.max(4 * cout),
-            16 * px * nf.max(cout),
-            16 * px * nf,
+            plus,
+            big,
+            big,
         ]);
         layout::nchw_to_nhwc(x, cin, h, w, input);
         self.conv_first.run_into(input, feat, h, w, false, isa);
-        self.trunk(feat, [x0, t1, t2], h, w, isa);
-        let up1 = &mut up1[..4 * px * nf.max(4 * cout)];
-        self.conv_up1
-            .run_into(feat, &mut up1[..4 * px * nf], 2 * h, 2 * w, true, isa);
-        self.conv_up2.run_into(
-            &up1[..4 * px * nf],
-            &mut up2[..16 * px * nf],
-            4 * h,
-            4 * w,
-            true,
-            isa,
-        );
+        self.trunk(feat, [x0, t1, t2], extra, h, w, isa);
+        // The upsampling stages, then conv_hr and conv_last, going back and forth between
+        // the two large buffers; the output planes go to the one conv_last read from.
+        let (mut cur, mut next) = (a, b);
+        let (mut ch, mut cw) = (h, w);
+        for (i, up) in self.conv_ups.iter().enumerate() {
+            let src: &[f32] = if i == 0 { feat } else { &cur[..ch * cw * nf] };
+            up.run_into(
+                src,
+                &mut next[..4 * ch * cw * nf],
+                2 * ch,
+                2 * cw,
+                true,
+                isa,
+            );
+            (ch, cw) = (2 * ch, 2 * cw);
+            std::mem::swap(&mut cur, &mut next);
+        }
+        let n = ch * cw;
+        let src: &[f32] = if self.conv_ups.is_empty() {
+            feat
+        } else {
+            &cur[..n * nf]
+        };
         self.conv_hr
-            .run_into(&up2[..16 * px * nf], hr, 4 * h, 4 * w, false, isa);
-        // The 4x output goes through the first upsampled buffer, free again by now.
-        let last = &mut up1[..16 * px * cout];
-        self.conv_last.run_into(hr, last, 4 * h, 4 * w, false, isa);
-        // And the planes through the second, free since `conv_hr` read it.
-        let out = &mut up2[..16 * px * cout];
-        layout::nhwc_to_nchw(last, cout, 4 * h, 4 * w, out);
+            .run_into(src, &mut next[..n * nf], ch, cw, false, isa);
+        std::mem::swap(&mut cur, &mut next);
+        self.conv_last
+            .run_into(&cur[..n * nf], &mut next[..n * cout], ch, cw, false, isa);
+        let out = &mut cur[..n * cout];
+        layout::nhwc_to_nchw(&next[..n * cout], cout, ch, cw, out);
         f(out)
     }
 
     /// The trunk: the RRDB blocks and `conv_body`, with the skip from `conv_first`, on
     /// three channels-last buffers of `num_feat + 4 * num_grow_ch` channels per pixel. Each
     /// dense convolution reads the channel prefix it needs and writes its own slice, so
-    /// nothing is concatenated, and the residual sums are fused into the last convolution of
-    /// each dense block. `feat` (`h x w x num_feat`) is the input and receives the output.
-    fn trunk(&self, feat: &mut [f32], bufs: [&mut [f32]; 3], h: usize, w: usize, isa: Isa) {
+    /// nothing is concatenated, and the residual sums are fused into the convolutions'
+    /// outputs. `feat` (`h x w x num_feat`) is the input and receives the output; `extra`
+    /// (`h x w x num_grow_ch`, ESRGAN+ only) holds each block's 1x1 convolution.
+    fn trunk(
+        &self,
+        feat: &mut [f32],
+        bufs: [&mut [f32]; 3],
+        extra: &mut [f32],
+        h: usize,
+        w: usize,
+        isa: Isa,
+    ) {
         let nf = self.conv_first.out_channels();
         let stride = self.stride;
         let [x, t1, t2] = bufs;
@@ -380,19 +521,47 @@ impl FastRrdbNet {
                 }
             });
         let (x, t1, t2) = (x.as_mut_ptr(), t1.as_mut_ptr(), t2.as_mut_ptr());
-        let res = |ptr: *mut f32, scale: f32| Some(Residual { ptr, stride, scale });
-        let dense = |convs: &[Conv3x3; 5], src: *mut f32, dst: *mut f32, epilogue: Epilogue| {
-            for conv in &convs[..4] {
+        let extra = extra.as_mut_ptr();
+        let res = |ptr: *mut f32, stride: usize, scale: f32| Some(Residual { ptr, stride, scale });
+        let dense = |block: &Dense, src: *mut f32, dst: *mut f32, epilogue: Epilogue| {
+            let convs = &block.convs;
+            if let Some(c1) = &block.conv1x1 {
+                let io = Io {
+                    src,
+                    src_stride: stride,
+                    dst: extra,
+                    dst_stride: c1.out_channels(),
+                    epilogue: Epilogue::default(),
+                    upsample: false,
+                };
+                // SAFETY: reads the block input's channels, writes the separate `extra`.
+                unsafe { c1.run_raw_isa(io, 1, h, w, isa) };
+            }
+            for (i, conv) in convs[..4].iter().enumerate() {
+                let mut epilogue = Epilogue::default();
+                if block.conv1x1.is_some() {
+                    // ESRGAN+: x2 = lrelu(conv2) + conv1x1(x); x4 = lrelu(conv4) + x2.
+                    match i {
+                        1 => epilogue.residuals[0] = res(extra, convs[0].out_channels(), 1.0),
+                        // SAFETY: x2's channels of the same pixels, not written here.
+                        3 => {
+                            let x2 = unsafe { src.add(convs[1].in_channels()) };
+                            epilogue.residuals[0] = res(x2, stride, 1.0);
+                        }
+                        _ => {}
+                    }
+                }
                 let io = Io {
                     src,
                     src_stride: stride,
                     // SAFETY: in + out channels <= stride, checked in `new`.
                     dst: unsafe { src.add(conv.in_channels()) },
                     dst_stride: stride,
-                    epilogue: Epilogue::default(),
+                    epilogue,
                     upsample: false,
                 };
-                // SAFETY: reads channels [0, c), writes [c, c + grow) of the same buffer.
+                // SAFETY: reads channels [0, c), writes [c, c + grow) of the same buffer; a
+                // residual reads channels (or a buffer) this call does not write.
                 unsafe { conv.run_raw_isa(io, 1, h, w, isa) };
             }
             let io = Io {
@@ -411,14 +580,14 @@ impl FastRrdbNet {
             // A dense block: 0.2 * conv5 + its input.
             let rdb = |src| Epilogue {
                 scale: 0.2,
-                residuals: [res(src, 1.0), None],
+                residuals: [res(src, stride, 1.0), None],
             };
             dense(&rrdb[0], x, t1, rdb(x));
             dense(&rrdb[1], t1, t2, rdb(t1));
             // The RRDB: 0.2 * (0.2 * conv5 + t2) + x, written over x.
             let last = Epilogue {
                 scale: 0.04,
-                residuals: [res(t2, 0.2), res(x, 1.0)],
+                residuals: [res(t2, stride, 0.2), res(x, stride, 1.0)],
             };
             dense(&rrdb[2], t2, x, last);
         }
@@ -432,14 +601,7 @@ impl FastRrdbNet {
             dst_stride: nf,
             epilogue: Epilogue {
                 scale: 1.0,
-                residuals: [
-                    Some(Residual {
-                        ptr: feat,
-                        stride: nf,
-                        scale: 1.0,
-                    }),
-                    None,
-                ],
+                residuals: [res(feat, nf, 1.0), None],
             },
             upsample: false,
         };

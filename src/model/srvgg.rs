@@ -18,6 +18,38 @@ pub struct Config {
     pub num_feat: usize,
     pub num_conv: usize,
     pub upscale: usize,
+    pub act: Act,
+}
+
+/// The activation after every convolution but the last (`act_type` in `srvgg_arch.py`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Act {
+    /// One learned slope per channel (`body.{2i+1}.weight`): the Real-ESRGAN models.
+    #[default]
+    PRelu,
+    Relu,
+    /// Slope 0.1, as `srvgg_arch.py` builds it.
+    LeakyRelu,
+}
+
+impl Act {
+    /// The name a sidecar `.json` uses: `prelu`, `relu` or `leakyrelu`.
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name.to_ascii_lowercase().replace(['_', '-'], "").as_str() {
+            "prelu" => Some(Self::PRelu),
+            "relu" => Some(Self::Relu),
+            "leakyrelu" | "lrelu" => Some(Self::LeakyRelu),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::PRelu => "PReLU",
+            Self::Relu => "ReLU",
+            Self::LeakyRelu => "LeakyReLU(0.1)",
+        }
+    }
 }
 
 impl Config {
@@ -29,6 +61,7 @@ impl Config {
             num_feat: 64,
             num_conv: 16,
             upscale: 4,
+            act: Act::PRelu,
         }
     }
 
@@ -38,6 +71,26 @@ impl Config {
             num_conv: 32,
             ..Self::animevideov3()
         }
+    }
+
+    /// Why this configuration cannot be built, if it cannot.
+    pub fn check(&self) -> std::result::Result<(), String> {
+        if self.num_in_ch != self.num_out_ch {
+            return Err(format!(
+                "{} input and {} output channels: SRVGGNetCompact adds its input to its output",
+                self.num_in_ch, self.num_out_ch
+            ));
+        }
+        if [self.num_in_ch, self.num_feat, self.upscale].contains(&0) {
+            return Err("a layer without channels, or scale 0".into());
+        }
+        Ok(())
+    }
+
+    /// f32 values the fast path keeps per input pixel (its arena slots, see `FastSrVgg::run`).
+    pub(crate) fn arena_floats_per_input_pixel(&self) -> usize {
+        let s2 = self.upscale * self.upscale;
+        self.num_in_ch + 2 * self.num_feat.max(self.num_out_ch * s2)
     }
 
     pub fn macs_per_input_pixel(&self) -> u64 {
@@ -53,23 +106,27 @@ impl Config {
 pub struct SrVggNetCompact {
     cfg: Config,
     convs: Vec<Conv2d>,
-    acts: Vec<PReLU>,
+    /// The PReLUs after each convolution but the last (empty for ReLU and LeakyReLU).
+    prelus: Vec<PReLU>,
 }
 
 impl SrVggNetCompact {
     pub fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+        cfg.check().map_err(candle_core::Error::msg)?;
         let vb = vb.pp("body");
         let conv_cfg = Conv2dConfig {
             padding: 1,
             ..Default::default()
         };
         let mut convs = Vec::with_capacity(cfg.num_conv + 2);
-        let mut acts = Vec::with_capacity(cfg.num_conv + 1);
+        let mut prelus = Vec::with_capacity(cfg.num_conv + 1);
         let mut idx = 0;
         for i in 0..=cfg.num_conv {
             let in_ch = if i == 0 { cfg.num_in_ch } else { cfg.num_feat };
             convs.push(conv2d(in_ch, cfg.num_feat, 3, conv_cfg, vb.pp(idx))?);
-            acts.push(candle_nn::prelu(Some(cfg.num_feat), vb.pp(idx + 1))?);
+            if cfg.act == Act::PRelu {
+                prelus.push(candle_nn::prelu(Some(cfg.num_feat), vb.pp(idx + 1))?);
+            }
             idx += 2;
         }
         let out_ch = cfg.num_out_ch * cfg.upscale * cfg.upscale;
@@ -77,31 +134,40 @@ impl SrVggNetCompact {
         Ok(Self {
             cfg: cfg.clone(),
             convs,
-            acts,
+            prelus,
         })
     }
 
     pub fn config(&self) -> &Config {
         &self.cfg
     }
+
+    fn activate(&self, i: usize, xs: &Tensor) -> Result<Tensor> {
+        match self.cfg.act {
+            Act::PRelu => self.prelus[i].forward(xs),
+            Act::Relu => xs.relu(),
+            Act::LeakyRelu => candle_nn::ops::leaky_relu(xs, 0.1),
+        }
+    }
 }
 
 impl Module for SrVggNetCompact {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let (last, body) = self.convs.split_last().expect("at least one convolution");
         let mut out = xs.clone();
-        for (conv, act) in self.convs.iter().zip(&self.acts) {
-            out = act.forward(&conv.forward(&out)?)?;
+        for (i, conv) in body.iter().enumerate() {
+            out = self.activate(i, &conv.forward(&out)?)?;
         }
-        let last = self.convs.last().expect("at least one convolution");
-        let out = candle_nn::ops::pixel_shuffle(&last.forward(&out)?, self.cfg.upscale)?;
+        let s = self.cfg.upscale;
+        let out = candle_nn::ops::pixel_shuffle(&last.forward(&out)?, s)?;
         let (_, _, h, w) = xs.dims4()?;
-        let base = xs.upsample_nearest2d(h * self.cfg.upscale, w * self.cfg.upscale)?;
+        let base = xs.upsample_nearest2d(h * s, w * s)?;
         out + base
     }
 }
 
 /// The same network on the fast CPU path: channels-last activations and Winograd
-/// convolutions with PReLU fused (see `fastconv`), working in an arena's buffers. Built from
+/// convolutions with the activation fused (see `fastconv`), working in an arena's buffers. Built from
 /// a loaded `SrVggNetCompact`.
 #[derive(Debug, Clone)]
 pub struct FastSrVgg {
@@ -113,16 +179,18 @@ pub struct FastSrVgg {
 impl FastSrVgg {
     pub fn new(net: &SrVggNetCompact, prepare: Prepare) -> Result<Self> {
         let mut convs = Vec::with_capacity(net.convs.len());
-        for (conv, act) in net.convs.iter().zip(&net.acts) {
-            let slopes = act.weight().to_dtype(candle_core::DType::F32)?.to_vec1()?;
-            convs.push(Conv3x3::prepared(
-                conv.weight(),
-                conv.bias(),
-                Activation::PRelu(slopes),
-                prepare,
-            )?);
+        let (last, body) = net.convs.split_last().expect("at least one convolution");
+        for (i, conv) in body.iter().enumerate() {
+            let act = match net.cfg.act {
+                Act::PRelu => {
+                    let slopes = net.prelus[i].weight();
+                    Activation::PRelu(slopes.to_dtype(candle_core::DType::F32)?.to_vec1()?)
+                }
+                Act::Relu => Activation::LeakyRelu(0.0),
+                Act::LeakyRelu => Activation::LeakyRelu(0.1),
+            };
+            convs.push(Conv3x3::prepared(conv.weight(), conv.bias(), act, prepare)?);
         }
-        let last = net.convs.last().expect("at least one convolution");
         convs.push(Conv3x3::prepared(
             last.weight(),
             last.bias(),

@@ -125,28 +125,20 @@ impl<'a> TileView<'a> {
     }
 }
 
-/// Padding RealESRGANer adds so 2x and 1x RRDBNet can pixel-unshuffle the input.
-fn mod_scale(scale: usize) -> usize {
-    match scale {
-        2 => 2,
-        1 => 4,
-        _ => 1,
-    }
-}
-
-/// Size of the network input after `pre_pad` and the mod pad, for an `h` x `w` image.
-fn padded_size(scale: usize, h: usize, w: usize, pre_pad: usize) -> (usize, usize) {
-    let m = mod_scale(scale);
-    let up = |v: usize| (v + pre_pad).div_ceil(m) * m;
+/// Size of the network input after `pre_pad` and the mod pad (RealESRGANer's, so that 2x
+/// and 1x RRDBNet can pixel-unshuffle the input by `unshuffle`), for an `h` x `w` image.
+fn padded_size(unshuffle: usize, h: usize, w: usize, pre_pad: usize) -> (usize, usize) {
+    let up = |v: usize| (v + pre_pad).div_ceil(unshuffle) * unshuffle;
     (up(h), up(w))
 }
 
-/// Number of forward passes a run with `opts` makes on an `h` x `w` image.
-pub fn tile_count(scale: usize, h: usize, w: usize, opts: &TileOptions) -> usize {
+/// Number of forward passes a run with `opts` makes on an `h` x `w` image, for a network
+/// that pixel-unshuffles its input by `unshuffle` (see `Arch::unshuffle`).
+pub fn tile_count(unshuffle: usize, h: usize, w: usize, opts: &TileOptions) -> usize {
     if opts.tile == 0 {
         return 1;
     }
-    let (ph, pw) = padded_size(scale, h, w, opts.pre_pad);
+    let (ph, pw) = padded_size(unshuffle, h, w, opts.pre_pad);
     ph.div_ceil(opts.tile) * pw.div_ceil(opts.tile)
 }
 
@@ -206,11 +198,12 @@ pub fn run(
     on_progress: &mut dyn FnMut(Progress) -> ControlFlow<()>,
 ) -> Result<(), ModelError> {
     let scale = model.scale();
+    let unshuffle = model.spec().arch.unshuffle();
     let (_, _, h, w) = img.dims4()?;
-    let (ph, pw) = padded_size(scale, h, w, opts.pre_pad);
+    let (ph, pw) = padded_size(unshuffle, h, w, opts.pre_pad);
     let padded = reflect_pad_br(&img.to_device(model.device())?, ph - h, pw - w)?;
     let (out_h, out_w) = (h * scale, w * scale);
-    let total = tile_count(scale, h, w, opts);
+    let total = tile_count(unshuffle, h, w, opts);
     let mut report = |done: usize| match on_progress(Progress { done, total }) {
         ControlFlow::Continue(()) => Ok(()),
         ControlFlow::Break(()) => Err(ModelError::Cancelled),
@@ -244,11 +237,11 @@ pub fn run(
         log_split(network);
         return Ok(());
     }
-    if !opts.tile.is_multiple_of(mod_scale(scale)) {
+    if !opts.tile.is_multiple_of(unshuffle) {
         return Err(ModelError::Tiling(format!(
-            "tile {} must be a multiple of {} for a {scale}x model",
+            "tile {} must be a multiple of {unshuffle} for a model that pixel-unshuffles \
+             its input by {unshuffle}",
             opts.tile,
-            mod_scale(scale)
         )));
     }
 

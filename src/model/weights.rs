@@ -1,8 +1,8 @@
 //! Reading weight files into a named state dict and building a network from it with every
 //! tensor accounted for.
 //!
-//! Formats: safetensors (the project's own), PyTorch `.pth` (the `params_ema` state dict if
-//! present, else `params`, else the top level) and ncnn `.param`/`.bin` pairs.
+//! Formats: safetensors (the project's own), PyTorch `.pth` in the zip or the legacy format
+//! (see `torch`) and ncnn `.param`/`.bin` pairs.
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
@@ -25,6 +25,14 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ModelError + '_ {
     }
 }
 
+/// A file's extension in lower case ("" when it has none).
+pub(crate) fn extension(path: &Path) -> String {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or("")
+        .to_ascii_lowercase()
+}
+
 /// Reads every tensor of a weights file, choosing the format from the extension.
 pub fn read(spec: &ModelSpec, path: &Path) -> Result<StateDict, ModelError> {
     if !path.exists() {
@@ -33,12 +41,7 @@ pub fn read(spec: &ModelSpec, path: &Path) -> Result<StateDict, ModelError> {
             path: path.display().to_string(),
         });
     }
-    let ext = path
-        .extension()
-        .and_then(|e| e.to_str())
-        .unwrap_or("")
-        .to_ascii_lowercase();
-    match ext.as_str() {
+    match extension(path).as_str() {
         "safetensors" => {
             let bytes = std::fs::read(path).map_err(io_err(path))?;
             Ok(candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
@@ -58,18 +61,40 @@ pub fn read(spec: &ModelSpec, path: &Path) -> Result<StateDict, ModelError> {
 }
 
 fn read_pth(path: &Path) -> Result<StateDict, ModelError> {
-    let mut last_err = None;
-    for key in [Some("params_ema"), Some("params"), None] {
-        match candle_core::pickle::read_all_with_key(path, key) {
-            Ok(tensors) if !tensors.is_empty() => return Ok(tensors.into_iter().collect()),
-            Ok(_) => {}
-            Err(e) => last_err = Some(e),
-        }
+    super::torch::read(path)
+}
+
+/// The names and shapes of a safetensors file's tensors, from its header alone.
+pub fn safetensors_shapes(path: &Path) -> Result<super::detect::Shapes, ModelError> {
+    use std::io::Read;
+    let bad = |why: String| ModelError::format(format!("{}: {why}", path.display()));
+    let mut f = std::fs::File::open(path).map_err(io_err(path))?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len)
+        .map_err(|_| bad("too short for a safetensors file".into()))?;
+    let len = u64::from_le_bytes(len);
+    let file_len = f.metadata().map_err(io_err(path))?.len();
+    if len > 100 << 20 || len + 8 > file_len {
+        return Err(bad(format!(
+            "not a safetensors file (a header of {len} bytes in a file of {file_len})"
+        )));
     }
-    Err(ModelError::format(match last_err {
-        Some(e) => format!("{}: not a readable PyTorch checkpoint: {e}", path.display()),
-        None => format!("{}: checkpoint holds no tensors", path.display()),
-    }))
+    let mut header = vec![0u8; len as usize];
+    f.read_exact(&mut header).map_err(io_err(path))?;
+    #[derive(serde::Deserialize)]
+    struct Info {
+        shape: Vec<usize>,
+    }
+    let mut map: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header)
+        .map_err(|e| bad(format!("not a safetensors header: {e}")))?;
+    map.remove("__metadata__");
+    map.into_iter()
+        .map(|(name, v)| {
+            let info: Info =
+                serde_json::from_value(v).map_err(|e| bad(format!("tensor {name}: {e}")))?;
+            Ok((name, info.shape))
+        })
+        .collect()
 }
 
 pub fn read_ncnn(arch: &Arch, param: &Path, bin: &Path) -> Result<StateDict, ModelError> {

@@ -29,6 +29,21 @@ pub fn model(name: &str) -> Arc<Model> {
         .clone()
 }
 
+/// The largest absolute difference between two tensors of one shape.
+pub fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims(), "shapes differ");
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
 /// Pixel comparison: (max abs difference, fraction of identical values).
 pub fn compare(a: &[u8], b: &[u8]) -> (u8, f64) {
     assert_eq!(a.len(), b.len(), "images differ in size");
