@@ -34,6 +34,10 @@ pub struct Settings {
     /// Directory holding `<model>.safetensors`.
     #[arg(long, env = "UPSCALER_WEIGHTS_DIR", default_value = "weights")]
     pub weights_dir: PathBuf,
+    /// Directory of your own models (`.pth`, `.safetensors`, ncnn `.param` + `.bin`), each
+    /// named by its file stem; scanned at start and on SIGHUP.
+    #[arg(long, env = "MODELS_DIR", default_value = "models")]
+    pub models_dir: PathBuf,
     /// Concurrent inference workers. Each inference already uses every core.
     #[arg(long, env = "WORKERS", default_value_t = 1)]
     pub workers: usize,
@@ -118,7 +122,11 @@ impl Settings {
         if self.lock_ttl_secs < 3 {
             return Err(invalid("LOCK_TTL_SECS", "must be at least 3 seconds"));
         }
-        registry::find(&self.default_model).map_err(|e| invalid("DEFAULT_MODEL", e.to_string()))?;
+        // The default model may come from MODELS_DIR: it is looked up when the models are
+        // scanned, and a missing one stops the start there.
+        if self.default_model.trim().is_empty() {
+            return Err(invalid("DEFAULT_MODEL", "must not be empty"));
+        }
         self.tile_size()?;
         if self
             .auth_token
@@ -158,6 +166,7 @@ impl Settings {
             settings: Settings,
         }
         let mut s = <Wrapper as clap::Parser>::parse_from(["upscaler"]).settings;
+        s.models_dir = data_dir.join("models");
         s.data_dir = data_dir;
         s.temp_dir = temp_dir;
         s.weights_dir = weights_dir;

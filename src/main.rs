@@ -14,6 +14,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use upscaler::api::pb;
 use upscaler::client::{self, ClientError};
 use upscaler::imaging::{self, ImagingError, OutputFormat};
+use upscaler::model::catalog::{self, Catalog};
 use upscaler::model::{self, registry, weights, Model, ModelError, Prepare, Progress};
 use upscaler::pipeline::{self, AlphaMode, EnhanceOptions, PipelineError, TileSize};
 
@@ -26,29 +27,59 @@ struct Cli {
 
 #[derive(clap::Args, Clone)]
 struct ModelArgs {
-    /// Model name (see `upscaler models`).
-    #[arg(long, short = 'm', env = "UPSCALER_MODEL", default_value = registry::DEFAULT_MODEL)]
-    model: String,
+    /// Model name (see `upscaler models`) [default: realesrgan-x4plus; with --weights, the
+    /// file's stem]
+    #[arg(long, short = 'm', env = "UPSCALER_MODEL")]
+    model: Option<String>,
     /// Directory holding `<model>.safetensors`.
     #[arg(long, env = "UPSCALER_WEIGHTS_DIR", default_value = "weights")]
     weights_dir: PathBuf,
-    /// A weights file to use instead (.safetensors, PyTorch .pth, or ncnn .param/.bin).
+    /// Directory of your own models, each named by its file stem.
+    #[arg(long, env = "MODELS_DIR", default_value = "models")]
+    models_dir: PathBuf,
+    /// A weights file to use instead (.safetensors, PyTorch .pth, or ncnn .param/.bin): with
+    /// --model naming a registry model, its configuration; otherwise recognised from the file.
     #[arg(long)]
     weights: Option<PathBuf>,
 }
 
 impl ModelArgs {
-    fn spec(&self) -> Result<&'static model::ModelSpec, ModelError> {
-        model::find(&self.model)
+    fn entry(&self) -> Result<catalog::Entry, ModelError> {
+        match (&self.weights, &self.model) {
+            (Some(file), Some(name)) if model::find(name).is_ok() => {
+                Ok(catalog::Entry::registry(model::find(name)?, file.clone()))
+            }
+            (Some(file), name) => {
+                let stem = file.file_stem().unwrap_or_default().to_string_lossy();
+                let name = name.clone().unwrap_or_else(|| stem.into_owned());
+                catalog::recognise_file(&name, file)
+                    .map_err(|why| ModelError::Format(format!("{}: {why}", file.display())))
+            }
+            (None, name) => {
+                let name = name.as_deref().unwrap_or(registry::DEFAULT_MODEL);
+                let found = Catalog::scan(&self.weights_dir, Some(&self.models_dir));
+                match found.find(name) {
+                    Ok(e) => Ok(e.clone()),
+                    // A registry model without its weights: say where they were looked for.
+                    Err(_) if model::find(name).is_ok() => {
+                        let spec = model::find(name)?;
+                        Err(ModelError::WeightsNotFound {
+                            model: name.to_string(),
+                            path: self
+                                .weights_dir
+                                .join(spec.weights_file_name())
+                                .display()
+                                .to_string(),
+                        })
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+        }
     }
 
     fn load(&self, prepare: Prepare) -> Result<Model, ModelError> {
-        let spec = self.spec()?;
-        let path = match &self.weights {
-            Some(p) => p.clone(),
-            None => self.weights_dir.join(spec.weights_file_name()),
-        };
-        Model::load_prepared(spec, &path, &candle_core::Device::Cpu, prepare)
+        self.entry()?.load(&candle_core::Device::Cpu, prepare)
     }
 }
 
@@ -162,10 +193,18 @@ enum Command {
         #[arg(long, env = "UPSCALER_MAX_PIXELS", default_value_t = imaging::DEFAULT_MAX_PIXELS)]
         max_pixels: u64,
     },
-    /// List the models and whether their weights are present.
+    /// List the installed models: the shipped ones and those of the models folder, with
+    /// their architecture, scale, channels, size, parameters and source file; files of the
+    /// models folder that cannot be used are listed with the reason.
     Models {
         #[arg(long, env = "UPSCALER_WEIGHTS_DIR", default_value = "weights")]
         weights_dir: PathBuf,
+        /// Directory of your own models.
+        #[arg(long, env = "MODELS_DIR", default_value = "models")]
+        models_dir: PathBuf,
+        /// Print one JSON object per model.
+        #[arg(long)]
+        json: bool,
     },
     /// Convert an ncnn .param/.bin pair to the project's safetensors format.
     ConvertNcnn {
@@ -192,6 +231,9 @@ enum Command {
         runs: usize,
         #[arg(long, env = "UPSCALER_WEIGHTS_DIR", default_value = "weights")]
         weights_dir: PathBuf,
+        /// Directory of your own models (benchmark them by name).
+        #[arg(long, env = "MODELS_DIR", default_value = "models")]
+        models_dir: PathBuf,
         /// Print one JSON object per case instead of a table.
         #[arg(long)]
         json: bool,
@@ -220,7 +262,7 @@ fn exit_code(err: &anyhow::Error) -> u8 {
             || e.downcast_ref::<ImagingError>().is_some()
             || matches!(
                 e.downcast_ref::<ModelError>(),
-                Some(ModelError::UnknownModel(_))
+                Some(ModelError::UnknownModel(_) | ModelError::UnknownModelIn { .. })
             )
     });
     if bad_input {
@@ -340,7 +382,7 @@ async fn run_client(command: Command) -> Result<(), ClientError> {
                     let scale = match outscale {
                         Some(f) => format!("{f}"),
                         None => model::find(&meta.model)
-                            .map(|s| s.arch.scale().to_string())
+                            .map(|s| s.scale().to_string())
                             .unwrap_or_else(|_| "4".into()),
                     };
                     client::default_output(&file, &scale, &meta.content_type)
@@ -577,17 +619,56 @@ fn run(command: Command) -> anyhow::Result<()> {
             let format = output_format(format, &output, jpeg_quality)?;
             upscale_file(&input, &output, &model, &opts, format)
         }
-        Command::Models { weights_dir } => {
-            for spec in registry::REGISTRY.iter() {
-                let present = weights_dir.join(spec.weights_file_name()).exists();
-                println!(
-                    "{:<24} {}x  {:<16} {:<8} {}",
-                    spec.name,
-                    spec.arch.scale(),
-                    spec.arch.name(),
-                    if present { "ready" } else { "no weights" },
-                    spec.description
-                );
+        Command::Models {
+            weights_dir,
+            models_dir,
+            json,
+        } => {
+            let found = Catalog::scan(&weights_dir, Some(&models_dir));
+            let mut lines = Vec::new();
+            if !json {
+                lines.push(format!(
+                    "{:<28} {:>5} {:<16} {:<4} {:<26} {:>8} {:<28} {:<9} description",
+                    "name", "scale", "architecture", "io", "size", "params", "file", "path"
+                ));
+            }
+            for e in found.entries() {
+                let (cin, cout) = e.spec.arch.channels();
+                let fast = e.fast_path(None);
+                lines.push(if json {
+                    serde_json::json!({
+                        "name": e.spec.name,
+                        "architecture": e.spec.arch.name(),
+                        "scale": e.spec.scale(),
+                        "in_channels": cin,
+                        "out_channels": cout,
+                        "size": e.size_text(),
+                        "parameters": e.parameters,
+                        "source": e.file.display().to_string(),
+                        "shipped": e.spec.shipped,
+                        "fast_path": fast,
+                        "description": e.spec.description,
+                    })
+                    .to_string()
+                } else {
+                    format!(
+                        "{:<28} {:>4}x {:<16} {}->{} {:<26} {:>8} {:<28} {:<9} {}",
+                        e.spec.name,
+                        e.spec.scale(),
+                        e.spec.arch.name(),
+                        cin,
+                        cout,
+                        e.size_text(),
+                        e.parameters_text(),
+                        e.file.file_name().unwrap_or_default().to_string_lossy(),
+                        if fast { "fast" } else { "reference" },
+                        e.spec.description
+                    )
+                });
+            }
+            print_lines(&lines);
+            for p in found.problems() {
+                eprintln!("skipped {p}");
             }
             Ok(())
         }
@@ -609,13 +690,14 @@ fn run(command: Command) -> anyhow::Result<()> {
             sizes,
             runs,
             weights_dir,
+            models_dir,
             json,
             reference,
         } => {
             let names: Vec<String> = if models.is_empty() {
                 registry::REGISTRY
                     .iter()
-                    .filter(|s| s.shipped)
+                    .filter(|s| s.shipped && s.resize.is_none())
                     .map(|s| s.name.to_string())
                     .collect()
             } else {
@@ -638,8 +720,9 @@ fn run(command: Command) -> anyhow::Result<()> {
             }
             for name in names {
                 let args = ModelArgs {
-                    model: name,
+                    model: Some(name),
                     weights_dir: weights_dir.clone(),
+                    models_dir: models_dir.clone(),
                     weights: None,
                 };
                 let model = args.load(Prepare::Once)?;
@@ -710,7 +793,8 @@ fn upscale_file(
     // With one or two passes the weights are put in the Winograd domain pass by pass
     // instead of kept: for x4plus that saves faulting in 475 MB (about 0.25 s and 400 MB of
     // peak RSS) and costs about 0.1 s per pass, so more passes keep them.
-    let arch = &model_args.spec()?.arch;
+    let entry = model_args.entry()?;
+    let arch = &entry.spec.arch;
     let (w, h) = (img.width() as usize, img.height() as usize);
     let passes = pipeline::planned_passes(arch, opts, w, h, img.color().has_alpha());
     let prepare = if passes <= 2 {
@@ -718,7 +802,7 @@ fn upscale_file(
     } else {
         Prepare::Once
     };
-    let model = model_args.load(prepare)?;
+    let model = entry.load(&candle_core::Device::Cpu, prepare)?;
     let started = Instant::now();
     let bar = ProgressBar::new(0);
     let interactive = std::io::stderr().is_terminal();
@@ -779,4 +863,16 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     tmp.persist(path)
         .with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())
+}
+
+/// Prints `lines` to stdout, stopping quietly when the reader has gone (`upscaler models | head`).
+fn print_lines(lines: &[String]) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    for line in lines {
+        if writeln!(out, "{line}").is_err() {
+            return;
+        }
+    }
+    let _ = out.flush();
 }

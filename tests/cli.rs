@@ -182,3 +182,85 @@ fn convert_ncnn_rejects_mismatched_architecture() {
     assert!(stderr(&o).contains("body.0.weight"), "{}", stderr(&o));
     assert!(!out.exists());
 }
+
+/// `upscaler models` lists the shipped models and the models folder's, and names each file it
+/// skipped with the reason; `--json` gives one object per model. A model of the folder is
+/// also usable by `upscale --model`.
+#[test]
+fn models_lists_the_folder_and_names_what_it_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let models = dir.path().join("models");
+    std::fs::create_dir(&models).unwrap();
+    std::fs::copy(
+        common::fixture("models/trunk_x2_gray.pth"),
+        models.join("gray-x2.pth"),
+    )
+    .unwrap();
+    std::fs::write(models.join("notes.pth"), b"not a checkpoint").unwrap();
+    let models_arg = models.to_str().unwrap();
+
+    let o = upscaler(&["models", "--models-dir", models_arg]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = String::from_utf8(o.stdout.clone()).unwrap();
+    let mut lines = text.lines();
+    assert!(
+        lines.next().unwrap().starts_with("name "),
+        "a header: {text}"
+    );
+    let row = |name: &str| {
+        text.lines()
+            .find(|l| l.split_whitespace().next() == Some(name))
+            .unwrap_or_else(|| panic!("no {name} in {text}"))
+            .split_whitespace()
+            .collect::<Vec<_>>()
+    };
+    let gray = row("gray-x2");
+    assert_eq!(gray[1..4], ["2x", "RRDBNet", "1->1"], "{gray:?}");
+    assert!(
+        gray.contains(&"gray-x2.pth") && gray.contains(&"fast"),
+        "{gray:?}"
+    );
+    assert!(row("realesrgan-x4plus").contains(&"16.70M"), "{text}");
+    assert_eq!(row("realesr-animevideov3-x3")[1], "3x");
+    let err = stderr(&o);
+    assert!(
+        err.contains("notes.pth") && err.lines().count() == 1,
+        "one line for the skipped file: {err}"
+    );
+
+    let o = upscaler(&["models", "--models-dir", models_arg, "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let rows: Vec<serde_json::Value> = String::from_utf8(o.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let gray = rows.iter().find(|r| r["name"] == "gray-x2").unwrap();
+    assert_eq!(gray["scale"], 2);
+    assert_eq!(
+        (&gray["in_channels"], &gray["out_channels"]),
+        (&1.into(), &1.into())
+    );
+    assert_eq!(gray["shipped"], false);
+    assert!(gray["parameters"].as_u64().unwrap() > 1000, "{gray}");
+
+    let out = dir.path().join("out.png");
+    let o = upscaler(&[
+        "upscale",
+        common::fixture("parity/chelsea_64x48.png")
+            .to_str()
+            .unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--models-dir",
+        models_arg,
+        "--model",
+        "gray-x2",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let got = image::open(&out).unwrap();
+    assert_eq!(
+        (got.width(), got.height(), got.color()),
+        (128, 96, image::ColorType::L8)
+    );
+}

@@ -601,14 +601,31 @@ async fn models_over_http_and_grpc() {
         [
             "realesrgan-x4plus",
             "realesrgan-x4plus-anime",
-            "realesr-animevideov3"
+            "realesr-animevideov3",
+            "realesr-animevideov3-x2",
+            "realesr-animevideov3-x3"
         ]
     );
-    assert!(models
+    let scales: Vec<u64> = models
         .iter()
-        .all(|m| m["shipped"] == true && m["scale"] == 4));
-    assert_eq!(models[0]["architecture"], "RRDBNet");
+        .map(|m| m["scale"].as_u64().unwrap())
+        .collect();
+    assert_eq!(scales, [4, 4, 4, 2, 3]);
+    for m in models {
+        assert_eq!(m["shipped"], true, "{m}");
+        assert_eq!(m["fast_path"], true, "{m}");
+        assert_eq!(
+            (&m["in_channels"], &m["out_channels"]),
+            (&3.into(), &3.into())
+        );
+    }
+    let x4plus = &models[0];
+    assert_eq!(x4plus["architecture"], "RRDBNet");
+    assert_eq!(x4plus["size"], "nf 64 nb 23 gc 32");
+    assert_eq!(x4plus["parameters"], 16_697_987);
+    assert_eq!(x4plus["source"], "realesrgan-x4plus.safetensors");
     assert_eq!(models[2]["architecture"], "SRVGGNetCompact");
+    assert_eq!(models[2]["parameters"], 621_424);
 
     // The routes answer plain HTTP/2 (h2c) as well.
     let h2 = reqwest::Client::builder()
@@ -630,7 +647,14 @@ async fn models_over_http_and_grpc() {
     assert_eq!(listed.default_model, "realesr-animevideov3");
     let rpc_names: Vec<&str> = listed.models.iter().map(|m| m.name.as_str()).collect();
     assert_eq!(rpc_names, names);
-    assert_eq!(listed.models[0].architecture, "RRDBNet");
+    for (rpc, web) in listed.models.iter().zip(models) {
+        assert_eq!(rpc.architecture, web["architecture"].as_str().unwrap());
+        assert_eq!(u64::from(rpc.scale), web["scale"].as_u64().unwrap());
+        assert_eq!(rpc.size, web["size"].as_str().unwrap());
+        assert_eq!(rpc.parameters, web["parameters"].as_u64().unwrap());
+        assert_eq!(rpc.source, web["source"].as_str().unwrap());
+        assert_eq!(rpc.fast_path, web["fast_path"].as_bool().unwrap());
+    }
     server.stop().await;
 }
 
@@ -864,6 +888,6 @@ async fn tls_serves_http1_clients_and_grpc() {
         .list_models(pb::ListModelsRequest {})
         .await
         .unwrap();
-    assert_eq!(listed.into_inner().models.len(), 3);
+    assert_eq!(listed.into_inner().models.len(), 5);
     server.stop().await;
 }

@@ -201,3 +201,127 @@ async fn json_logs_carry_task_and_request_ids() {
         "task line with task id and file name: {text}"
     );
 }
+
+/// The models served by `c`, by name.
+async fn listed(c: &mut srv::Client) -> Vec<pb::ModelInfo> {
+    let r = c.list_models(pb::ListModelsRequest {}).await.unwrap();
+    r.into_inner().models
+}
+
+/// Waits until `name` is listed (or, with `present` false, no longer listed).
+async fn wait_listed(c: &mut srv::Client, name: &str, present: bool) -> Option<pb::ModelInfo> {
+    for _ in 0..100 {
+        let found = listed(c).await.into_iter().find(|m| m.name == name);
+        if found.is_some() == present {
+            return found;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!(
+        "{name}: still {} after SIGHUP",
+        if present { "missing" } else { "listed" }
+    );
+}
+
+/// Upscales `bytes` as `file_name` with model `my-esrgan` and returns the result's pixels.
+async fn upscale_with_my_esrgan(c: &mut srv::Client, file_name: &str, bytes: &[u8]) -> Vec<u8> {
+    let meta = pb::UploadMetadata {
+        model: "my-esrgan".into(),
+        ..srv::meta(file_name)
+    };
+    let r = srv::upload(c, meta, bytes).await.unwrap();
+    let t = srv::wait_done(c, &r.task_id).await;
+    assert_eq!(srv::state(&t), pb::TaskState::Success, "{}", t.error);
+    assert_eq!(t.model, "my-esrgan");
+    let (_, got, _) = srv::fetch(c, &t.file_name).await.unwrap();
+    let got = image::load_from_memory(&got).unwrap().to_rgb8();
+    assert_eq!(got.dimensions(), (48, 40));
+    got.into_raw()
+}
+
+/// What the library makes of `bytes` with the model file `path`.
+fn library_pixels(path: &std::path::Path, bytes: &[u8]) -> Vec<u8> {
+    let entry = upscaler::model::catalog::recognise_file("m", path).unwrap();
+    let model = entry
+        .load(&candle_core::Device::Cpu, upscaler::model::Prepare::Once)
+        .unwrap();
+    let input = image::load_from_memory(bytes).unwrap();
+    let out = upscaler::pipeline::enhance(&model, &input, &Default::default(), &mut |_| {
+        std::ops::ControlFlow::Continue(())
+    });
+    out.unwrap().to_rgb8().into_raw()
+}
+
+/// The models folder is read again on SIGHUP: a model dropped in while the server runs can be
+/// used by name, a broken file beside it is skipped without hiding it, a file replaced in
+/// place is loaded afresh, and a removed one is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_picks_up_a_model_dropped_in_the_models_folder() {
+    let place = Place::new(Backend::Embedded);
+    let models_dir = place.temp_dir.with_file_name("models");
+    std::fs::create_dir_all(&models_dir).unwrap();
+    let port = free_port();
+    let models_env = models_dir.to_str().unwrap().to_string();
+    let extra = [
+        ("DEFAULT_MODEL", "realesr-animevideov3"),
+        ("MODELS_DIR", models_env.as_str()),
+    ];
+    let mut child = spawn_server(&place, port, &extra);
+    let mut c = connect(port).await;
+    assert!(listed(&mut c).await.iter().all(|m| m.name != "my-esrgan"));
+    let bytes = srv::png(12, 10, 5);
+    let refused = |name: &str| pb::UploadMetadata {
+        model: "my-esrgan".into(),
+        ..srv::meta(name)
+    };
+    let (code, msg) = srv::code(srv::upload(&mut c, refused("before.png"), &bytes).await);
+    assert_eq!(code, tonic::Code::InvalidArgument, "{msg}");
+    assert!(msg.contains("my-esrgan"), "{msg}");
+
+    // An old-layout ESRGAN in the legacy (pre-1.6) format, and a truncated file beside it.
+    let old_layout = common::fixture("models/old_x4_legacy.pth");
+    let my_esrgan = models_dir.join("my-esrgan.pth");
+    std::fs::copy(&old_layout, &my_esrgan).unwrap();
+    let broken = common::fixture("models/refused_truncated_zip.pth");
+    std::fs::copy(broken, models_dir.join("broken.pth")).unwrap();
+    signal(&child, "-HUP");
+    let info = wait_listed(&mut c, "my-esrgan", true).await.unwrap();
+    assert_eq!(info.architecture, "RRDBNet");
+    assert_eq!((info.scale, info.in_channels, info.out_channels), (4, 3, 3));
+    assert!(!info.shipped && info.fast_path, "{info:?}");
+    assert_eq!(info.source, "my-esrgan.pth");
+    assert!(listed(&mut c).await.iter().all(|m| m.name != "broken"));
+    let first = upscale_with_my_esrgan(&mut c, "after.png", &bytes).await;
+    assert_eq!(
+        first,
+        library_pixels(&old_layout, &bytes),
+        "served = library pixels"
+    );
+
+    // Replaced in place by another network of the same shape (the trunk layout), with a
+    // second new file to tell when the scan has run.
+    let trunk_layout = common::fixture("models/trunk_x4_legacy.pth");
+    std::fs::copy(&trunk_layout, &my_esrgan).unwrap();
+    std::fs::copy(&old_layout, models_dir.join("marker.pth")).unwrap();
+    signal(&child, "-HUP");
+    wait_listed(&mut c, "marker", true).await;
+    let second = upscale_with_my_esrgan(&mut c, "replaced.png", &bytes).await;
+    assert_eq!(
+        second,
+        library_pixels(&trunk_layout, &bytes),
+        "the new file's pixels"
+    );
+    assert_ne!(first, second);
+
+    std::fs::remove_file(&my_esrgan).unwrap();
+    signal(&child, "-HUP");
+    wait_listed(&mut c, "my-esrgan", false).await;
+    let (code, msg) = srv::code(srv::upload(&mut c, refused("removed.png"), &bytes).await);
+    assert_eq!(code, tonic::Code::InvalidArgument, "{msg}");
+
+    signal(&child, "-TERM");
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+}

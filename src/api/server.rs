@@ -168,6 +168,7 @@ pub async fn serve(
             match started.await {
                 Ok(service) => {
                     let mut up = service.backends_up();
+                    rescan_on_sighup(service.clone());
                     core.set(service);
                     tracing::info!("ready");
                     // Health follows the backends until shutdown aborts this task.
@@ -307,4 +308,25 @@ async fn fallback(request: axum::extract::Request) -> axum::response::Response {
     let status = tonic::Status::unimplemented(format!("no method {}", request.uri().path()));
     let (parts, ()) = status.into_http::<()>().into_parts();
     axum::response::Response::from_parts(parts, axum::body::Body::empty())
+}
+
+/// SIGHUP scans the weights and models folders again (see `tasks::ModelCache::rescan`).
+fn rescan_on_sighup(service: TaskService) {
+    #[cfg(unix)]
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut hangups = match signal(SignalKind::hangup()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGHUP: models are scanned at start only");
+                return;
+            }
+        };
+        while hangups.recv().await.is_some() {
+            let models = service.rescan_models().await;
+            tracing::info!(models, "SIGHUP: models scanned again");
+        }
+    });
+    #[cfg(not(unix))]
+    let _ = service;
 }

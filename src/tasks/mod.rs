@@ -217,7 +217,7 @@ impl TaskService {
         tokio::fs::create_dir_all(&settings.temp_dir)
             .await
             .map_err(|e| Error::Internal(format!("cannot create TEMP_DIR: {e}")))?;
-        let models = ModelCache::new(settings.weights_dir.clone());
+        let models = ModelCache::new(settings.weights_dir.clone(), settings.models_dir.clone());
         models
             .get(&settings.default_model)
             .await
@@ -341,11 +341,16 @@ impl TaskService {
     }
 
     /// The models installed here.
-    pub fn models(&self) -> ModelCatalog {
+    pub async fn models(&self) -> ModelCatalog {
         ModelCatalog {
-            models: self.inner.models.installed(),
+            models: self.inner.models.installed().await,
             default_model: self.inner.settings.default_model.clone(),
         }
+    }
+
+    /// Scans the weights and models folders again (on SIGHUP); returns the model count.
+    pub async fn rescan_models(&self) -> usize {
+        self.inner.models.rescan().await
     }
 
     /// Stops taking uploads, interrupts running tasks between tiles (they go back to PENDING

@@ -1,13 +1,15 @@
-//! Loaded models, shared by the workers: each is read from disk once, on first use, off the
-//! async executor.
+//! The models this server runs, and the loaded ones shared by the workers: the catalog is
+//! scanned at start and again on request (SIGHUP), and each model is read from disk once,
+//! on first use, off the async executor.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use tokio::sync::Mutex;
 
-use crate::model::{self, Model, ModelError};
+use crate::model::catalog::{Catalog, Entry, Origin};
+use crate::model::{Model, ModelError, Prepare};
 
 /// A model as clients see it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -17,6 +19,42 @@ pub struct ModelInfo {
     pub scale: u32,
     pub shipped: bool,
     pub description: String,
+    /// Colour channels in and out: 1 gray, 3 RGB, 4 RGBA.
+    pub in_channels: u32,
+    pub out_channels: u32,
+    /// The network's size: features, blocks and growth channels, or convolutions.
+    pub size: String,
+    /// Parameters of the weights, where known before loading them (0 otherwise).
+    pub parameters: u64,
+    /// The weights file's name.
+    pub source: String,
+    /// Whether it runs on the fast CPU path (else on candle's reference convolutions): known
+    /// once loaded; every recognised configuration is built for it.
+    pub fast_path: bool,
+}
+
+impl ModelInfo {
+    fn of(entry: &Entry, loaded: Option<&Model>) -> Self {
+        let spec = &entry.spec;
+        let (cin, cout) = spec.arch.channels();
+        Self {
+            name: spec.name.clone(),
+            architecture: spec.arch.name().to_string(),
+            scale: spec.scale() as u32,
+            shipped: spec.shipped,
+            description: spec.description.clone(),
+            in_channels: cin as u32,
+            out_channels: cout as u32,
+            size: entry.size_text(),
+            parameters: entry.parameters.unwrap_or(0),
+            source: entry
+                .file
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            fast_path: entry.fast_path(loaded),
+        }
+    }
 }
 
 /// The installed models and the default one.
@@ -27,56 +65,110 @@ pub struct ModelCatalog {
 }
 
 pub struct ModelCache {
-    dir: PathBuf,
-    loaded: Mutex<HashMap<String, Arc<Model>>>,
+    weights_dir: PathBuf,
+    models_dir: PathBuf,
+    catalog: RwLock<Arc<Catalog>>,
+    /// Loaded models, with the catalog entry each was loaded from.
+    loaded: Mutex<HashMap<String, (Entry, Arc<Model>)>>,
 }
 
 impl ModelCache {
-    pub fn new(dir: PathBuf) -> Self {
+    /// Scans `weights_dir` and `models_dir` (logging each file that cannot be used).
+    pub fn new(weights_dir: PathBuf, models_dir: PathBuf) -> Self {
+        let catalog = Self::scan(&weights_dir, &models_dir);
         Self {
-            dir,
+            weights_dir,
+            models_dir,
+            catalog: RwLock::new(Arc::new(catalog)),
             loaded: Mutex::default(),
         }
     }
 
-    /// The registry model `name`, loading its weights on first use.
+    fn scan(weights_dir: &std::path::Path, models_dir: &std::path::Path) -> Catalog {
+        let catalog = Catalog::scan(weights_dir, Some(models_dir));
+        for p in catalog.problems() {
+            tracing::warn!(file = %p.file.display(), reason = p.reason, "model file skipped");
+        }
+        let folder = catalog
+            .entries()
+            .iter()
+            .filter(|e| matches!(e.origin, Origin::Folder(_)))
+            .count();
+        tracing::info!(
+            models = catalog.entries().len(),
+            from_models_dir = folder,
+            skipped = catalog.problems().len(),
+            models_dir = %models_dir.display(),
+            "models scanned"
+        );
+        catalog
+    }
+
+    /// Scans the folders again: new files become models, removed ones go, and a model
+    /// whose file changed is loaded afresh on its next use. Returns the number of models.
+    pub async fn rescan(&self) -> usize {
+        let (w, m) = (self.weights_dir.clone(), self.models_dir.clone());
+        let catalog = tokio::task::spawn_blocking(move || Self::scan(&w, &m))
+            .await
+            .unwrap_or_default();
+        let catalog = Arc::new(catalog);
+        let mut loaded = self.loaded.lock().await;
+        loaded.retain(|name, (entry, _)| catalog.find(name).is_ok_and(|e| e == entry));
+        let n = catalog.entries().len();
+        *self.catalog.write().unwrap_or_else(|e| e.into_inner()) = catalog;
+        n
+    }
+
+    fn catalog(&self) -> Arc<Catalog> {
+        self.catalog
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The catalog entry of `name`.
+    pub fn entry(&self, name: &str) -> Result<Entry, ModelError> {
+        self.catalog().find(name).cloned()
+    }
+
+    /// The model `name`, loading its weights on first use.
     pub async fn get(&self, name: &str) -> Result<Arc<Model>, ModelError> {
+        let entry = self.entry(name)?;
         // Held across the load so two workers never load the same model twice.
         let mut loaded = self.loaded.lock().await;
-        if let Some(m) = loaded.get(name) {
-            return Ok(m.clone());
+        if let Some((e, m)) = loaded.get(name) {
+            if *e == entry {
+                return Ok(m.clone());
+            }
         }
-        let spec = model::find(name)?;
-        let path = self.dir.join(spec.weights_file_name());
-        let m = tokio::task::spawn_blocking(move || {
-            Model::load(spec, &path, &candle_core::Device::Cpu)
-        })
-        .await
-        .map_err(|e| ModelError::Format(format!("model loader panicked: {e}")))??;
+        let e = entry.clone();
+        let m =
+            tokio::task::spawn_blocking(move || e.load(&candle_core::Device::Cpu, Prepare::Once))
+                .await
+                .map_err(|e| ModelError::Format(format!("model loader panicked: {e}")))??;
         let m = Arc::new(m);
-        loaded.insert(name.to_string(), m.clone());
+        loaded.insert(name.to_string(), (entry, m.clone()));
         Ok(m)
     }
 
-    /// The registry models whose weights are installed, in registry order.
-    pub fn installed(&self) -> Vec<ModelInfo> {
-        model::registry::REGISTRY
+    /// The installed models: the registry's, then the models folder's.
+    pub async fn installed(&self) -> Vec<ModelInfo> {
+        let loaded = self.loaded.lock().await;
+        self.catalog()
+            .entries()
             .iter()
-            .filter(|spec| self.available(spec.name))
-            .map(|spec| ModelInfo {
-                name: spec.name.to_string(),
-                architecture: spec.arch.name().to_string(),
-                scale: spec.arch.scale() as u32,
-                shipped: spec.shipped,
-                description: spec.description.to_string(),
+            .map(|e| {
+                let model = loaded
+                    .get(&e.spec.name)
+                    .filter(|(le, _)| le == e)
+                    .map(|(_, m)| &**m);
+                ModelInfo::of(e, model)
             })
             .collect()
     }
 
-    /// Whether the weights of `name` are installed (without loading them).
+    /// Whether `name` is installed (without loading it).
     pub fn available(&self, name: &str) -> bool {
-        model::find(name)
-            .map(|s| self.dir.join(s.weights_file_name()).is_file())
-            .unwrap_or(false)
+        self.catalog().find(name).is_ok()
     }
 }

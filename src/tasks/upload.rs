@@ -18,7 +18,6 @@ use super::types::{hex, now_ms, JobOptions, ResultFormat, TaskRecord, TaskState}
 use super::{lifecycle, Error, Inner, Job, OutcomeKind, Queue, UploadMeta, UploadOutcome};
 use crate::imaging::{self, ImagingError};
 use crate::locks::Acquire;
-use crate::model;
 
 /// How much of the file is kept in memory to read its header (JPEG headers can sit behind
 /// large EXIF blocks).
@@ -120,12 +119,10 @@ fn job_options(inner: &Inner, meta: &UploadMeta) -> Result<JobOptions, Error> {
     } else {
         meta.model.clone()
     };
-    model::find(&model).map_err(|e| Error::InvalidArgument(e.to_string()))?;
-    if !inner.models.available(&model) {
-        return Err(Error::InvalidArgument(format!(
-            "model `{model}` is not installed on this server"
-        )));
-    }
+    inner
+        .models
+        .entry(&model)
+        .map_err(|e| Error::InvalidArgument(e.to_string()))?;
     if let Some(s) = meta.outscale {
         if !(s.is_finite() && s > 0.0 && s <= 16.0) {
             return Err(Error::InvalidArgument(format!(
@@ -257,7 +254,11 @@ async fn admit(
     received: Received,
     task_id: &str,
 ) -> Result<(), Error> {
-    let spec = model::find(&options.model).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+    let spec = inner
+        .models
+        .entry(&options.model)
+        .map_err(|e| Error::InvalidArgument(e.to_string()))?
+        .spec;
     let enhance = inner.enhance_options(options.tile, options.outscale)?;
     let (w, h) = (received.width as usize, received.height as usize);
     let passes = crate::pipeline::planned_passes(&spec.arch, &enhance, w, h, received.has_alpha);

@@ -114,6 +114,12 @@ impl From<ModelCatalog> for pb::ListModelsResponse {
                     scale: m.scale,
                     shipped: m.shipped,
                     description: m.description,
+                    in_channels: m.in_channels,
+                    out_channels: m.out_channels,
+                    size: m.size,
+                    parameters: m.parameters,
+                    source: m.source,
+                    fast_path: m.fast_path,
                 })
                 .collect(),
             default_model: c.default_model,

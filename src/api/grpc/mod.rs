@@ -80,7 +80,7 @@ impl pb::upscaler_server::Upscaler for UpscalerApi {
         _request: Request<pb::ListModelsRequest>,
     ) -> Result<Response<pb::ListModelsResponse>, Status> {
         metrics::observe("ListModels", async {
-            let catalog = self.core()?.models();
+            let catalog = self.core()?.models().await;
             Ok(Response::new(catalog.into()))
         })
         .await

@@ -60,7 +60,7 @@ pub(super) fn router(core: Core, settings: &Settings) -> Router {
 }
 
 async fn models(State(state): State<HttpState>) -> Result<Json<json::Models>, ApiError> {
-    Ok(Json(state.core.get()?.models().into()))
+    Ok(Json(state.core.get()?.models().await.into()))
 }
 
 async fn require_token(
