@@ -134,9 +134,23 @@ pub fn planned_passes(
     has_alpha: bool,
 ) -> usize {
     let per_pass = tiling::tile_count(arch.unshuffle(), h, w, &opts.tile_options(arch, h, w));
-    // A 4-channel network takes alpha with the colour; others give it a pass of its own.
-    let alpha_pass = has_alpha && opts.alpha == AlphaMode::Network && arch.channels() != (4, 4);
-    per_pass * if alpha_pass { 2 } else { 1 }
+    per_pass
+        * if alpha_pass(arch, opts, has_alpha) {
+            2
+        } else {
+            1
+        }
+}
+
+/// Whether a 4-channel network takes alpha with the colour.
+fn alpha_in_net(arch: &Arch) -> bool {
+    arch.channels() == (4, 4)
+}
+
+/// Whether an image's alpha gets a network pass of its own (else it is resized, or goes
+/// through a 4-channel network with the colour).
+fn alpha_pass(arch: &Arch, opts: &EnhanceOptions, has_alpha: bool) -> bool {
+    has_alpha && opts.alpha == AlphaMode::Network && !alpha_in_net(arch)
 }
 
 struct WriterSink<'a> {
@@ -210,16 +224,16 @@ pub fn enhance(
     on_progress: &mut dyn FnMut(Progress) -> ControlFlow<()>,
 ) -> Result<DynamicImage, PipelineError> {
     let scale = model.scale();
-    let (cin, cout) = model.spec().arch.channels();
+    let arch = &model.spec().arch;
+    let (cin, cout) = arch.channels();
     let planes = Planes::from_image(img);
     let (w, h) = (planes.width, planes.height);
     let resize_to = opts.output_size(scale, w, h)?;
-    let tiles = opts.tile_options(&model.spec().arch, h, w);
-    let per_pass = tiling::tile_count(model.spec().arch.unshuffle(), h, w, &tiles);
-    let alpha_in_net = cin == 4 && cout == 4;
-    let has_alpha = planes.alpha.is_some();
-    let alpha_pass = has_alpha && !alpha_in_net && opts.alpha == AlphaMode::Network;
-    let total = per_pass * if alpha_pass { 2 } else { 1 };
+    let tiles = opts.tile_options(arch, h, w);
+    let per_pass = tiling::tile_count(arch.unshuffle(), h, w, &tiles);
+    let alpha_in_net = alpha_in_net(arch);
+    let alpha_pass = alpha_pass(arch, opts, planes.alpha.is_some());
+    let total = planned_passes(arch, opts, w, h, planes.alpha.is_some());
 
     let mode = output_mode(planes.mode, cout);
     let mut writer = PixelWriter::new(w * scale, h * scale, mode, planes.depth);

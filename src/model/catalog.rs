@@ -44,19 +44,18 @@ pub struct Entry {
 impl Entry {
     /// A registry model with its weights in `file`.
     pub fn registry(spec: &ModelSpec, file: PathBuf) -> Self {
-        let meta = std::fs::metadata(&file).ok();
-        let bytes = meta.as_ref().map_or(0, |m| m.len());
         // Read from the file's header; a damaged file is reported when it is loaded.
         let parameters = shapes(&file)
             .ok()
             .map(|(shapes, _)| detect::parameter_count(&shapes));
+        let (bytes, modified) = on_disk(&file);
         Self {
             spec: spec.clone(),
             file,
             origin: Origin::Registry,
             parameters,
             bytes,
-            modified: meta.and_then(|m| m.modified().ok()),
+            modified,
         }
     }
 
@@ -261,40 +260,48 @@ pub fn recognise_file(name: &str, path: &Path) -> Result<Entry, String> {
             ));
         }
     }
-    let bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
-        + if path.extension().is_some_and(|e| e == "param") {
-            std::fs::metadata(path.with_extension("bin")).map_or(0, |m| m.len())
-        } else {
-            0
-        };
-    let scale = resize.map_or(arch.scale(), |r| arch.scale() * r.num / r.den);
-    let description = sidecar.description.unwrap_or_else(|| {
+    let file_name = path
+        .file_name()
+        .unwrap_or_default()
+        .to_string_lossy()
+        .into_owned();
+    let mut spec = ModelSpec {
+        name: name.to_string(),
+        arch,
+        description: String::new(),
+        shipped: false,
+        weights_file: file_name,
+        resize,
+    };
+    spec.description = sidecar.description.unwrap_or_else(|| {
         format!(
-            "{scale}x {} ({} layout), from {}",
-            arch.name(),
+            "{}x {} ({} layout), from {}",
+            spec.scale(),
+            spec.arch.name(),
             layout.name(),
-            path.file_name().unwrap_or_default().to_string_lossy()
+            spec.weights_file
         )
     });
+    let (bytes, modified) = on_disk(path);
     Ok(Entry {
-        spec: ModelSpec {
-            name: name.to_string(),
-            arch,
-            description,
-            shipped: false,
-            weights_file: path
-                .file_name()
-                .unwrap_or_default()
-                .to_string_lossy()
-                .into_owned(),
-            resize,
-        },
+        spec,
         file: path.to_path_buf(),
         origin: Origin::Folder(layout),
         parameters: Some(parameters),
         bytes,
-        modified: std::fs::metadata(path).and_then(|m| m.modified()).ok(),
+        modified,
     })
+}
+
+/// The bytes a weights file takes on disk (with an ncnn `.param`, its `.bin` too) and when
+/// it was last changed.
+fn on_disk(path: &Path) -> (u64, Option<std::time::SystemTime>) {
+    let meta = std::fs::metadata(path).ok();
+    let mut bytes = meta.as_ref().map_or(0, |m| m.len());
+    if weights::extension(path) == "param" {
+        bytes += std::fs::metadata(path.with_extension("bin")).map_or(0, |m| m.len());
+    }
+    (bytes, meta.and_then(|m| m.modified().ok()))
 }
 
 /// Model names are used in requests, URLs and file names: keep them plain.

@@ -69,7 +69,17 @@ pub struct ModelCache {
     models_dir: PathBuf,
     catalog: RwLock<Arc<Catalog>>,
     /// Loaded models, with the catalog entry each was loaded from.
-    loaded: Mutex<HashMap<String, (Entry, Arc<Model>)>>,
+    loaded: Mutex<Loaded>,
+}
+
+type Loaded = HashMap<String, (Entry, Arc<Model>)>;
+
+/// The model loaded from `entry`, if it is loaded and its file has not changed since.
+fn loaded_from<'a>(loaded: &'a Loaded, entry: &Entry) -> Option<&'a Arc<Model>> {
+    loaded
+        .get(&entry.spec.name)
+        .filter(|(from, _)| from == entry)
+        .map(|(_, m)| m)
 }
 
 impl ModelCache {
@@ -136,10 +146,8 @@ impl ModelCache {
         let entry = self.entry(name)?;
         // Held across the load so two workers never load the same model twice.
         let mut loaded = self.loaded.lock().await;
-        if let Some((e, m)) = loaded.get(name) {
-            if *e == entry {
-                return Ok(m.clone());
-            }
+        if let Some(m) = loaded_from(&loaded, &entry) {
+            return Ok(m.clone());
         }
         let e = entry.clone();
         let m =
@@ -157,13 +165,7 @@ impl ModelCache {
         self.catalog()
             .entries()
             .iter()
-            .map(|e| {
-                let model = loaded
-                    .get(&e.spec.name)
-                    .filter(|(le, _)| le == e)
-                    .map(|(_, m)| &**m);
-                ModelInfo::of(e, model)
-            })
+            .map(|e| ModelInfo::of(e, loaded_from(&loaded, e).map(|m| &**m)))
             .collect()
     }
 
