@@ -12,7 +12,7 @@ use crate::imaging::{
     self, ColorMode, ImagingError, OutputFormat, PixelWriter, Planes, Target, GRAY_WEIGHTS,
 };
 use crate::model::tiling::{self, TileSink, TileView};
-use crate::model::{Arch, Model, ModelError, Progress, TileOptions};
+use crate::model::{Arch, Model, ModelError, Progress, Stop, TileOptions};
 
 /// Default working-memory budget for one forward pass when the tile size is automatic.
 pub const DEFAULT_TILE_MEMORY: u64 = 1 << 30;
@@ -96,7 +96,7 @@ impl EnhanceOptions {
         }
     }
 
-    fn output_size(
+    pub fn output_size(
         &self,
         scale: usize,
         w: usize,
@@ -223,6 +223,18 @@ pub fn enhance(
     opts: &EnhanceOptions,
     on_progress: &mut dyn FnMut(Progress) -> ControlFlow<()>,
 ) -> Result<DynamicImage, PipelineError> {
+    enhance_until(model, img, opts, on_progress, &|| false)
+}
+
+/// `enhance` that also ends (with `ModelError::Cancelled`) once `stop` says true, asked
+/// between the layers of each pass: a cancelled task stops within a fraction of a tile.
+pub fn enhance_until(
+    model: &Model,
+    img: &DynamicImage,
+    opts: &EnhanceOptions,
+    on_progress: &mut dyn FnMut(Progress) -> ControlFlow<()>,
+    stop: Stop<'_>,
+) -> Result<DynamicImage, PipelineError> {
     let scale = model.scale();
     let arch = &model.spec().arch;
     let (cin, cout) = arch.channels();
@@ -240,12 +252,19 @@ pub fn enhance(
     let to_tensor = |data: Vec<f32>| Tensor::from_vec(data, (1, cin, h, w), model.device());
     let mut pass = |input: &Tensor, writer: &mut PixelWriter, target: Target, offset: usize| {
         let mut sink = WriterSink { writer, target };
-        tiling::run(model, input, &tiles, &mut sink, &mut |p| {
-            on_progress(Progress {
-                done: offset + p.done,
-                total,
-            })
-        })
+        tiling::run(
+            model,
+            input,
+            &tiles,
+            &mut sink,
+            &mut |p| {
+                on_progress(Progress {
+                    done: offset + p.done,
+                    total,
+                })
+            },
+            stop,
+        )
     };
     let color = to_tensor(network_input(&planes, cin))?;
     let target = if alpha_in_net {

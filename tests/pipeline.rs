@@ -11,7 +11,7 @@ use upscaler::imaging::{self, ImagingError, OutputFormat};
 use upscaler::model::tiling::{self, run_to_tensor};
 use upscaler::model::{self, Isa, Model, ModelError, Network, Prepare, Progress, TileOptions};
 use upscaler::pipeline::{
-    enhance, enhance_bytes, AlphaMode, EnhanceOptions, PipelineError, TileSize,
+    enhance, enhance_bytes, enhance_until, AlphaMode, EnhanceOptions, PipelineError, TileSize,
 };
 
 const FAST: &str = "realesr-animevideov3";
@@ -369,6 +369,49 @@ fn progress_counts_tiles_and_cancellation_stops_between_tiles() {
         "{err}"
     );
     assert_eq!(calls, 3, "no tile runs after the cancellation");
+}
+
+/// `stop` is asked between the layers of a pass, so a large tile is left part-way: on
+/// x4plus, once per RRDB block and per stage after the trunk.
+#[test]
+fn a_stop_ends_a_pass_between_its_layers() {
+    let img = DynamicImage::ImageRgb8(picture(24, 16));
+    let whole = opts(0, 10, 0);
+    for (name, asks_per_pass) in [("realesrgan-x4plus", 23 + 4), (FAST, 17)] {
+        let model = common::model(name);
+        let asked = std::cell::Cell::new(0);
+        let count = || {
+            asked.set(asked.get() + 1);
+            false
+        };
+        enhance_until(&model, &img, &whole, &mut go(), &count).unwrap();
+        assert_eq!(asked.get(), asks_per_pass, "{name}: asks in one pass");
+
+        // Says stop at the 5th ask: the pass ends there, before its one tile is done.
+        asked.set(0);
+        let mut done = Vec::new();
+        let stop_at_5 = || {
+            asked.set(asked.get() + 1);
+            asked.get() >= 5
+        };
+        let err = enhance_until(
+            &model,
+            &img,
+            &whole,
+            &mut |p| {
+                done.push(p.done);
+                ControlFlow::Continue(())
+            },
+            &stop_at_5,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(err, PipelineError::Model(ModelError::Cancelled)),
+            "{name}: {err}"
+        );
+        assert_eq!(asked.get(), 5, "{name}: nothing is asked after the stop");
+        assert_eq!(done, [0], "{name}: no tile was finished");
+    }
 }
 
 #[test]

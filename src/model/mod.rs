@@ -92,6 +92,10 @@ impl Module for Network {
     }
 }
 
+/// Asked between the layers of a pass (on the fast path): true ends the pass early with
+/// `ModelError::Cancelled`, so a cancelled or interrupted task need not finish a large tile.
+pub type Stop<'a> = &'a dyn Fn() -> bool;
+
 /// A network on the fast CPU path (`fastconv`): same results as `Network` to f32 rounding.
 #[derive(Debug, Clone)]
 pub enum FastNetwork {
@@ -108,12 +112,13 @@ impl FastNetwork {
     }
 
     /// One pass on a `(1, C, H, W)` input in `arena`'s buffers, on the `isa` path; `f` sees
-    /// the output planes where the pass left them.
+    /// the output planes where the pass left them. `stop` is asked between layers.
     pub fn forward_with<R>(
         &self,
         xs: &Tensor,
         arena: &mut arena::Arena,
         isa: Isa,
+        stop: Stop<'_>,
         f: impl FnOnce(TileView<'_>) -> Result<R, ModelError>,
     ) -> Result<R, ModelError> {
         let (n, c, h, w) = xs.dims4()?;
@@ -132,9 +137,10 @@ impl FastNetwork {
                 }
                 let s = net.upscale();
                 layout::with_cpu_slice(xs, |x| {
-                    net.run(x, h, w, arena, isa, |out| {
+                    net.run(x, h, w, arena, isa, stop, |out| {
                         f(TileView::whole(out, c, h * s, w * s))
                     })
+                    .unwrap_or(Err(ModelError::Cancelled))
                 })
             }
             Self::RrdbNet(net) => {
@@ -151,9 +157,10 @@ impl FastNetwork {
                 }
                 let (cout, g) = (net.out_channels(), net.growth());
                 layout::with_cpu_slice(&xs, |x| {
-                    net.run(x, bh, bw, arena, isa, |out| {
+                    net.run(x, bh, bw, arena, isa, stop, |out| {
                         f(TileView::whole(out, cout, g * bh, g * bw))
                     })
+                    .unwrap_or(Err(ModelError::Cancelled))
                 })
             }
         }
@@ -309,6 +316,18 @@ impl Model {
         xs: &Tensor,
         f: impl FnOnce(TileView<'_>) -> Result<R, ModelError>,
     ) -> Result<R, ModelError> {
+        self.forward_until(xs, &|| false, f)
+    }
+
+    /// `forward_with`, ended early with `ModelError::Cancelled` once `stop` says true: on the
+    /// fast path it is asked between layers, so a large tile stops within a fraction of its
+    /// time; the reference path runs a pass to its end.
+    pub fn forward_until<R>(
+        &self,
+        xs: &Tensor,
+        stop: Stop<'_>,
+        f: impl FnOnce(TileView<'_>) -> Result<R, ModelError>,
+    ) -> Result<R, ModelError> {
         let f = |out: TileView<'_>| match self.spec.resize {
             None => f(out),
             Some(r) => {
@@ -330,7 +349,7 @@ impl Model {
         match &self.fast {
             Some(fast) => self
                 .arenas
-                .with(|arena| fast.forward_with(xs, arena, self.isa, f)),
+                .with(|arena| fast.forward_with(xs, arena, self.isa, stop, f)),
             None => {
                 let out = self.net.forward(xs)?;
                 let (_, c, h, w) = out.dims4()?;

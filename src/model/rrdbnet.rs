@@ -11,7 +11,7 @@ use rayon::prelude::*;
 
 use super::arena::Arena;
 use super::fastconv::{Activation, Conv3x3, Epilogue, Io, Isa, Prepare, Residual};
-use super::layout;
+use super::{layout, Stop};
 
 /// Shape of an RRDBNet, in any of the configurations ESRGAN-family models use.
 ///
@@ -419,6 +419,9 @@ impl FastRrdbNet {
 
     /// One pass on `x`, the `(cin, h, w)` input planes (pixel-unshuffled already), in
     /// `arena`; `f` sees the `(out_ch, g * h, g * w)` output planes, `g` = `growth()`.
+    /// `stop` is asked before each RRDB block and each stage after the trunk; once it says
+    /// true the pass ends there and `None` comes back.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn run<R>(
         &self,
         x: &[f32],
@@ -426,8 +429,9 @@ impl FastRrdbNet {
         w: usize,
         arena: &mut Arena,
         isa: Isa,
+        stop: Stop<'_>,
         f: impl FnOnce(&[f32]) -> R,
-    ) -> R {
+    ) -> Option<R> {
         let (cin, nf, stride) = (
             self.conv_first.in_channels(),
             self.conv_first.out_channels(),
@@ -458,12 +462,15 @@ impl FastRrdbNet {
         ]);
         layout::nchw_to_nhwc(x, cin, h, w, input);
         self.conv_first.run_into(input, feat, h, w, false, isa);
-        self.trunk(feat, [x0, t1, t2], extra, h, w, isa);
+        self.trunk(feat, [x0, t1, t2], extra, h, w, isa, stop)?;
         // The upsampling stages, then conv_hr and conv_last, going back and forth between
         // the two large buffers; the output planes go to the one conv_last read from.
         let (mut cur, mut next) = (a, b);
         let (mut ch, mut cw) = (h, w);
         for (i, up) in self.conv_ups.iter().enumerate() {
+            if stop() {
+                return None;
+            }
             let src: &[f32] = if i == 0 { feat } else { &cur[..ch * cw * nf] };
             up.run_into(
                 src,
@@ -482,14 +489,20 @@ impl FastRrdbNet {
         } else {
             &cur[..n * nf]
         };
+        if stop() {
+            return None;
+        }
         self.conv_hr
             .run_into(src, &mut next[..n * nf], ch, cw, false, isa);
         std::mem::swap(&mut cur, &mut next);
+        if stop() {
+            return None;
+        }
         self.conv_last
             .run_into(&cur[..n * nf], &mut next[..n * cout], ch, cw, false, isa);
         let out = &mut cur[..n * cout];
         layout::nhwc_to_nchw(&next[..n * cout], cout, ch, cw, out);
-        f(out)
+        Some(f(out))
     }
 
     /// The trunk: the RRDB blocks and `conv_body`, with the skip from `conv_first`, on
@@ -497,7 +510,9 @@ impl FastRrdbNet {
     /// dense convolution reads the channel prefix it needs and writes its own slice, so
     /// nothing is concatenated, and the residual sums are fused into the convolutions'
     /// outputs. `feat` (`h x w x num_feat`) is the input and receives the output; `extra`
-    /// (`h x w x num_grow_ch`, ESRGAN+ only) holds each block's 1x1 convolution.
+    /// (`h x w x num_grow_ch`, ESRGAN+ only) holds each block's 1x1 convolution. `None`:
+    /// `stop` said true before a block, and the trunk ended there.
+    #[allow(clippy::too_many_arguments)]
     fn trunk(
         &self,
         feat: &mut [f32],
@@ -506,7 +521,8 @@ impl FastRrdbNet {
         h: usize,
         w: usize,
         isa: Isa,
-    ) {
+        stop: Stop<'_>,
+    ) -> Option<()> {
         let nf = self.conv_first.out_channels();
         let stride = self.stride;
         let [x, t1, t2] = bufs;
@@ -577,6 +593,9 @@ impl FastRrdbNet {
             unsafe { convs[4].run_raw_isa(io, 1, h, w, isa) };
         };
         for rrdb in &self.body {
+            if stop() {
+                return None;
+            }
             // A dense block: 0.2 * conv5 + its input.
             let rdb = |src| Epilogue {
                 scale: 0.2,
@@ -607,5 +626,6 @@ impl FastRrdbNet {
         };
         // SAFETY: `x` and `feat` are separate buffers of `h * w` pixels each.
         unsafe { self.conv_body.run_raw_isa(io, 1, h, w, isa) };
+        Some(())
     }
 }

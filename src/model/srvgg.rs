@@ -9,7 +9,7 @@ use candle_nn::{conv2d, Conv2d, Conv2dConfig, PReLU, VarBuilder};
 
 use super::arena::Arena;
 use super::fastconv::{Activation, Conv3x3, Isa, Prepare};
-use super::layout;
+use super::{layout, Stop};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -218,6 +218,9 @@ impl FastSrVgg {
 
     /// One pass on `x`, the `(channels, h, w)` input planes, in `arena`; `f` sees the
     /// `(channels, h * upscale, w * upscale)` output planes.
+    /// `stop` is asked before each convolution; once it says true the pass ends there and
+    /// `None` comes back.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn run<R>(
         &self,
         x: &[f32],
@@ -225,8 +228,9 @@ impl FastSrVgg {
         w: usize,
         arena: &mut Arena,
         isa: Isa,
+        stop: Stop<'_>,
         f: impl FnOnce(&[f32]) -> R,
-    ) -> R {
+    ) -> Option<R> {
         let (c, s, px) = (self.channels, self.upscale, h * w);
         let widest = self
             .convs
@@ -248,6 +252,9 @@ impl FastSrVgg {
             isa,
         );
         for conv in &self.convs[1..] {
+            if stop() {
+                return None;
+            }
             let (cin, cout) = (conv.in_channels(), conv.out_channels());
             conv.run_into(&cur[..px * cin], &mut next[..px * cout], h, w, false, isa);
             std::mem::swap(&mut cur, &mut next);
@@ -255,6 +262,6 @@ impl FastSrVgg {
         // The output goes into the other buffer, free again by now.
         let out = &mut next[..c * px * s * s];
         layout::shuffle_add_base(&cur[..px * c * s * s], x, c, h, w, s, out);
-        f(out)
+        Some(f(out))
     }
 }

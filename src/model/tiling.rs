@@ -10,7 +10,7 @@ use std::ops::ControlFlow;
 
 use candle_core::{Device, Tensor};
 
-use super::{Arch, Model, ModelError};
+use super::{Arch, Model, ModelError, Stop};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TileOptions {
@@ -189,13 +189,16 @@ fn reflect_pad_br(x: &Tensor, pad_h: usize, pad_w: usize) -> Result<Tensor, Mode
 
 /// Runs `model` over `img` (`(1, 3, H, W)`, values in `[0, 1]`) tile by tile, handing each
 /// output tile to `sink`. `on_progress` is told before the first tile and after each one;
-/// returning `Break` stops the run between tiles with `ModelError::Cancelled`.
+/// returning `Break` stops the run between tiles with `ModelError::Cancelled`. `stop` is
+/// asked between the layers of each pass (fast path) and ends the run the same way, without
+/// waiting for the tile to finish.
 pub fn run(
     model: &Model,
     img: &Tensor,
     opts: &TileOptions,
     sink: &mut dyn TileSink,
     on_progress: &mut dyn FnMut(Progress) -> ControlFlow<()>,
+    stop: Stop<'_>,
 ) -> Result<(), ModelError> {
     let scale = model.scale();
     let unshuffle = model.spec().arch.unshuffle();
@@ -215,7 +218,7 @@ pub fn run(
     let mut network = std::time::Duration::ZERO;
     let mut forward = |x: &Tensor, f: &mut dyn FnMut(TileView<'_>) -> Result<(), ModelError>| {
         let start = std::time::Instant::now();
-        let out = model.forward_with(x, f);
+        let out = model.forward_until(x, stop, f);
         network += start.elapsed();
         out
     };
@@ -327,8 +330,13 @@ pub fn run_to_tensor(
     let (_, c, h, w) = img.dims4()?;
     let s = model.scale();
     let mut sink = AssembleSink::new(c, h * s, w * s);
-    run(model, img, opts, &mut sink, &mut |_| {
-        ControlFlow::Continue(())
-    })?;
+    run(
+        model,
+        img,
+        opts,
+        &mut sink,
+        &mut |_| ControlFlow::Continue(()),
+        &|| false,
+    )?;
     sink.into_tensor()
 }
