@@ -1,10 +1,13 @@
-//! Client commands: `upload`, `status`, `watch` and `fetch` against a running server.
+//! Client commands: `upload`, `status`, `watch`, `fetch`, `cancel` and `delete` against a
+//! running server. A server that is still starting (or not yet listening) is waited for, up
+//! to `--wait-ready` seconds, as gRPC's wait-for-ready does for connections.
 //!
 //! Everything here speaks to the server through the generated gRPC client; `main` only
 //! formats. Failures carry the exit code they deserve (see `ClientError::exit_code`).
 
+use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use sha2::{Digest, Sha256};
@@ -52,16 +55,20 @@ pub enum ClientError {
     /// Anything else (a broken stream, a result that fails its checksum, a local write).
     #[error("{0}")]
     Other(String),
+    /// Stopped by Ctrl-C.
+    #[error("{0}")]
+    Interrupted(String),
 }
 
 impl ClientError {
     /// 0 success, 1 task failed or other failure, 2 bad usage or input, 3 server
-    /// unreachable or unavailable.
+    /// unreachable or unavailable, 130 interrupted (Ctrl-C).
     pub fn exit_code(&self) -> u8 {
         match self {
             Self::TaskFailed { .. } | Self::Other(_) => 1,
             Self::Refused(_) | Self::Input(_) => 2,
             Self::Unavailable(_) => 3,
+            Self::Interrupted(_) => 130,
         }
     }
 
@@ -127,6 +134,43 @@ pub async fn connect(
     Ok(UpscalerClient::with_interceptor(channel, Token(token)))
 }
 
+/// Runs `attempt` (a connection and the first call on it) until it gets anything but
+/// UNAVAILABLE, for at most `wait`: a server still loading its model, or not listening yet,
+/// is ridden out with backoff. Says once on stderr that it waits. With `wait` zero, one try.
+pub async fn when_ready<T, F, Fut>(wait: Duration, mut attempt: F) -> Result<T, ClientError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, ClientError>>,
+{
+    let deadline = Instant::now() + wait;
+    let mut delay = Duration::from_millis(100);
+    let mut said = false;
+    loop {
+        match attempt().await {
+            Err(ClientError::Unavailable(why)) => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(ClientError::Unavailable(if said {
+                        format!("{why} (still unavailable after {}s)", wait.as_secs())
+                    } else {
+                        why
+                    }));
+                }
+                if !said {
+                    eprintln!(
+                        "waiting for the server to become ready (up to {}s): {why}",
+                        wait.as_secs()
+                    );
+                    said = true;
+                }
+                tokio::time::sleep(delay.min(left)).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+            other => return other,
+        }
+    }
+}
+
 /// The innermost cause of an error, which is the one a user can act on.
 fn cause(e: &(dyn std::error::Error + 'static)) -> String {
     let mut e = e;
@@ -141,6 +185,7 @@ pub struct UploadOptions {
     pub model: Option<String>,
     pub outscale: Option<f64>,
     pub overwrite: bool,
+    pub format: pb::OutputFormat,
 }
 
 /// Streams `path` to the server under its file name.
@@ -162,6 +207,7 @@ pub async fn upload(
         model: opts.model.clone().unwrap_or_default(),
         outscale: opts.outscale,
         overwrite: opts.overwrite,
+        output_format: opts.format.into(),
         ..Default::default()
     };
     let shown = path.display().to_string();
@@ -201,6 +247,32 @@ pub async fn get_task(client: &mut Client, task_id: &str) -> Result<pb::Task, Cl
         .map_err(|s| ClientError::from_status("status", s))
 }
 
+/// Cancels a task; the answer is its state after (CANCELLED, or STARTED with
+/// `cancel_requested` while its worker has not stopped yet).
+pub async fn cancel(client: &mut Client, task_id: &str) -> Result<pb::Task, ClientError> {
+    client
+        .cancel_task(pb::CancelTaskRequest {
+            task_id: task_id.into(),
+        })
+        .await
+        .map(|r| r.into_inner())
+        .map_err(|s| ClientError::from_status("cancel", s))
+}
+
+/// Deletes the stored result `name`.
+pub async fn delete(
+    client: &mut Client,
+    name: &str,
+) -> Result<pb::DeleteProcessedResponse, ClientError> {
+    client
+        .delete_processed(pb::DeleteProcessedRequest {
+            file_name: name.into(),
+        })
+        .await
+        .map(|r| r.into_inner())
+        .map_err(|s| ClientError::from_status("delete", s))
+}
+
 /// Follows a task until it ends, calling `on_update` with every state; returns the last.
 pub async fn watch(
     client: &mut Client,
@@ -233,7 +305,7 @@ pub async fn watch(
 pub fn is_terminal(task: &pb::Task) -> bool {
     matches!(
         task.state(),
-        pb::TaskState::Success | pb::TaskState::Failure
+        pb::TaskState::Success | pb::TaskState::Failure | pb::TaskState::Cancelled
     )
 }
 
@@ -244,6 +316,7 @@ pub fn state_name(task: &pb::Task) -> &'static str {
         pb::TaskState::Started => "STARTED",
         pb::TaskState::Success => "SUCCESS",
         pb::TaskState::Failure => "FAILURE",
+        pb::TaskState::Cancelled => "CANCELLED",
         pb::TaskState::Unspecified => "UNKNOWN",
     }
 }
@@ -328,10 +401,10 @@ pub fn default_output(input: &Path, scale: &str, content_type: &str) -> PathBuf 
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| "result".into());
-    let ext = if content_type == "image/jpeg" {
-        "jpg"
-    } else {
-        "png"
+    let ext = match content_type {
+        "image/jpeg" => "jpg",
+        "image/webp" => "webp",
+        _ => "png",
     };
     input.with_file_name(format!("{stem}_x{scale}.{ext}"))
 }

@@ -65,6 +65,18 @@ pub struct Settings {
     /// How long finished task records are kept, in seconds (default 7 days).
     #[arg(long, env = "TASK_TTL_SECS", default_value_t = 7 * 24 * 3600)]
     pub task_ttl_secs: u64,
+    /// How long results are kept, in seconds; unset: forever. Older ones are deleted by the
+    /// sweeper that runs on every instance.
+    #[arg(long, env = "RESULT_TTL_SECS")]
+    pub result_ttl_secs: Option<u64>,
+    /// Uploads that no unfinished task needs (left by an instance that died between storing
+    /// an upload and recording its task) are deleted once older than this, in seconds.
+    #[arg(long, env = "ORPHAN_GRACE_SECS", default_value_t = 600)]
+    pub orphan_grace_secs: u64,
+    /// How often the sweeper looks for expired results, orphaned uploads and expired task
+    /// records, in seconds.
+    #[arg(long, env = "SWEEP_INTERVAL_SECS", default_value_t = 60)]
+    pub sweep_interval_secs: u64,
     /// TTL of a file-name lock, in seconds; renewed every third of it while the task lives.
     #[arg(long, env = "LOCK_TTL_SECS", default_value_t = 30)]
     pub lock_ttl_secs: u64,
@@ -127,6 +139,15 @@ impl Settings {
         if self.default_model.trim().is_empty() {
             return Err(invalid("DEFAULT_MODEL", "must not be empty"));
         }
+        if self.result_ttl_secs == Some(0) {
+            return Err(invalid(
+                "RESULT_TTL_SECS",
+                "must be at least 1 second (unset it to keep results forever)",
+            ));
+        }
+        if self.sweep_interval_secs == 0 {
+            return Err(invalid("SWEEP_INTERVAL_SECS", "must be at least 1 second"));
+        }
         self.tile_size()?;
         if self
             .auth_token
@@ -152,6 +173,18 @@ impl Settings {
 
     pub fn task_ttl(&self) -> Duration {
         Duration::from_secs(self.task_ttl_secs)
+    }
+
+    pub fn result_ttl(&self) -> Option<Duration> {
+        self.result_ttl_secs.map(Duration::from_secs)
+    }
+
+    pub fn orphan_grace(&self) -> Duration {
+        Duration::from_secs(self.orphan_grace_secs)
+    }
+
+    pub fn sweep_interval(&self) -> Duration {
+        Duration::from_secs(self.sweep_interval_secs)
     }
 
     pub fn lock_ttl(&self) -> Duration {

@@ -5,6 +5,8 @@
 //!   polling the store.
 //! - `{prefix}:queue`: "there is work": sent when a task is queued or given back, so idle
 //!   workers of every instance claim it at once instead of at their next poll.
+//! - `{prefix}:cancel`: a task id whose cancellation was asked for, so the instance running
+//!   it stops at once (else it learns it from its next lease renewal or save).
 //!
 //! Pub/sub is fire-and-forget: a message sent while Redis is down is lost. Nothing depends on
 //! it for correctness: watchers re-read the store now and then, and workers poll the queue.
@@ -28,6 +30,8 @@ const PUBLISH_TIMEOUT: Duration = Duration::from_secs(1);
 pub enum Event {
     Task(Box<TaskRecord>),
     Wake,
+    /// Stop this task if it runs here.
+    Cancel(String),
 }
 
 #[derive(Serialize, Deserialize)]
@@ -75,6 +79,10 @@ impl RedisEvents {
             .subscribe(this.queue_channel())
             .await
             .map_err(fail)?;
+        this.subscriber
+            .subscribe(this.cancel_channel())
+            .await
+            .map_err(fail)?;
         Ok(this)
     }
 
@@ -82,12 +90,17 @@ impl RedisEvents {
         format!("{}:queue", self.prefix)
     }
 
+    fn cancel_channel(&self) -> String {
+        format!("{}:cancel", self.prefix)
+    }
+
     /// Turns Redis messages into `Event`s for our subscribers, dropping our own.
     fn forward(&self) {
         let mut rx = self.subscriber.message_rx();
-        let (events, queue, me) = (
+        let (events, queue, cancel, me) = (
             self.events.clone(),
             self.queue_channel(),
+            self.cancel_channel(),
             self.instance.clone(),
         );
         tokio::spawn(async move {
@@ -107,6 +120,10 @@ impl RedisEvents {
                 let Some(text) = message.value.as_str() else {
                     continue;
                 };
+                if *message.channel == *cancel {
+                    let _ = events.send(Event::Cancel(text.into_owned()));
+                    continue;
+                }
                 match serde_json::from_str::<Envelope>(&text) {
                     Ok(env) if env.from != me => {
                         let _ = events.send(Event::Task(Box::new(env.task)));
@@ -134,6 +151,12 @@ impl RedisEvents {
         };
         let channel = format!("{}:task:{}", self.prefix, task.id);
         self.publish(channel, text).await;
+    }
+
+    /// Asks the instance running `task_id`, wherever it is, to stop it (best effort).
+    pub async fn cancel(&self, task_id: &str) {
+        self.publish(self.cancel_channel(), task_id.to_owned())
+            .await;
     }
 
     /// Tells idle workers everywhere that a task waits (best effort).

@@ -87,6 +87,8 @@ impl ModelArgs {
 enum Format {
     Png,
     Jpeg,
+    /// Lossless WebP.
+    Webp,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -112,6 +114,25 @@ struct ClientArgs {
     /// Print the result as one JSON object on stdout.
     #[arg(long)]
     json: bool,
+    /// While the server is unreachable or still starting (UNAVAILABLE), retry for up to this
+    /// many seconds before giving up with exit code 3 (0: try once).
+    #[arg(
+        long,
+        env = "UPSCALER_WAIT_READY",
+        default_value_t = 30,
+        value_name = "SECS"
+    )]
+    wait_ready: u64,
+}
+
+impl ClientArgs {
+    fn wait_ready(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.wait_ready)
+    }
+
+    async fn connect(&self) -> Result<client::Client, ClientError> {
+        client::connect(&self.addr, self.token.as_deref(), self.ca.as_deref()).await
+    }
 }
 
 #[derive(Subcommand)]
@@ -131,9 +152,16 @@ enum Command {
         /// Replace a stored result of the same name made from other bytes or options.
         #[arg(long)]
         overwrite: bool,
-        /// Follow the task (progress on stderr) and download the result.
+        /// Format of the result (default PNG).
+        #[arg(long, value_enum)]
+        format: Option<Format>,
+        /// Follow the task (progress on stderr) and download the result. Ctrl-C then asks
+        /// whether to cancel the task on the server.
         #[arg(long)]
         wait: bool,
+        /// With --wait: on Ctrl-C, cancel the task without asking.
+        #[arg(long, requires = "wait")]
+        cancel_on_interrupt: bool,
         /// Where --wait saves the result (default: <stem>_x<scale>.<ext> beside FILE).
         #[arg(short, long)]
         output: Option<PathBuf>,
@@ -149,6 +177,19 @@ enum Command {
     /// Follow a task until it ends (progress on stderr).
     Watch {
         task_id: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Cancel a pending or running task: it leaves the queue, or stops part-way through its
+    /// current tile; nothing is stored and its file name is freed.
+    Cancel {
+        task_id: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Delete a stored result by file name, freeing the name.
+    Delete {
+        name: String,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -298,7 +339,9 @@ fn main() -> ExitCode {
         command @ (Command::Upload { .. }
         | Command::Status { .. }
         | Command::Watch { .. }
-        | Command::Fetch { .. }) => return client_command(command),
+        | Command::Fetch { .. }
+        | Command::Cancel { .. }
+        | Command::Delete { .. }) => return client_command(command),
         command => run(command),
     };
     match result {
@@ -341,7 +384,9 @@ async fn run_client(command: Command) -> Result<(), ClientError> {
             model,
             outscale,
             overwrite,
+            format,
             wait,
+            cancel_on_interrupt,
             output,
             client: args,
         } => {
@@ -351,14 +396,22 @@ async fn run_client(command: Command) -> Result<(), ClientError> {
                     file.display()
                 )));
             }
-            let mut c =
-                client::connect(&args.addr, args.token.as_deref(), args.ca.as_deref()).await?;
             let opts = client::UploadOptions {
                 model,
                 outscale,
                 overwrite,
+                format: match format {
+                    None | Some(Format::Png) => pb::OutputFormat::Png,
+                    Some(Format::Jpeg) => pb::OutputFormat::Jpeg,
+                    Some(Format::Webp) => pb::OutputFormat::Webp,
+                },
             };
-            let r = client::upload(&mut c, &file, &opts).await?;
+            let (mut c, r) = client::when_ready(args.wait_ready(), || async {
+                let mut c = args.connect().await?;
+                let r = client::upload(&mut c, &file, &opts).await?;
+                Ok((c, r))
+            })
+            .await?;
             let outcome = client::outcome_name(&r);
             if !wait {
                 return print_result(
@@ -373,7 +426,13 @@ async fn run_client(command: Command) -> Result<(), ClientError> {
             }
             eprintln!("{outcome} {} task {}", r.file_name, r.task_id);
             if r.outcome() != pb::UploadOutcome::AlreadyProcessed {
-                let task = follow(&mut c, &r.task_id).await?;
+                let mut canceller = c.clone();
+                let task = tokio::select! {
+                    task = follow(&mut c, &r.task_id) => task?,
+                    _ = tokio::signal::ctrl_c() => {
+                        return Err(interrupted(&mut canceller, &r.task_id, cancel_on_interrupt).await);
+                    }
+                };
                 ensure_success(&task)?;
             }
             let (meta, out) = client::fetch(&mut c, &r.file_name, |meta| match output {
@@ -395,9 +454,10 @@ async fn run_client(command: Command) -> Result<(), ClientError> {
             task_id,
             client: args,
         } => {
-            let mut c =
-                client::connect(&args.addr, args.token.as_deref(), args.ca.as_deref()).await?;
-            let task = client::get_task(&mut c, &task_id).await?;
+            let task = client::when_ready(args.wait_ready(), || async {
+                client::get_task(&mut args.connect().await?, &task_id).await
+            })
+            .await?;
             print_task(args.json, &task)?;
             ensure_not_failed(&task)
         }
@@ -405,8 +465,13 @@ async fn run_client(command: Command) -> Result<(), ClientError> {
             task_id,
             client: args,
         } => {
-            let mut c =
-                client::connect(&args.addr, args.token.as_deref(), args.ca.as_deref()).await?;
+            let mut c = client::when_ready(args.wait_ready(), || async {
+                let mut c = args.connect().await?;
+                // A cheap first call, so a starting server is waited for here.
+                client::get_task(&mut c, &task_id).await?;
+                Ok(c)
+            })
+            .await?;
             let task = follow(&mut c, &task_id).await?;
             print_task(args.json, &task)?;
             ensure_success(&task)
@@ -416,15 +481,93 @@ async fn run_client(command: Command) -> Result<(), ClientError> {
             output,
             client: args,
         } => {
-            let mut c =
-                client::connect(&args.addr, args.token.as_deref(), args.ca.as_deref()).await?;
-            let (meta, out) = client::fetch(&mut c, &name, |_| {
-                output.unwrap_or_else(|| PathBuf::from(&name))
+            let (meta, out) = client::when_ready(args.wait_ready(), || async {
+                let mut c = args.connect().await?;
+                let out = output.clone().unwrap_or_else(|| PathBuf::from(&name));
+                client::fetch(&mut c, &name, |_| out).await
             })
             .await?;
             print_fetched(args.json, &meta.task_id, &meta, &out)
         }
+        Command::Cancel {
+            task_id,
+            client: args,
+        } => {
+            let task = client::when_ready(args.wait_ready(), || async {
+                client::cancel(&mut args.connect().await?, &task_id).await
+            })
+            .await?;
+            print_task(args.json, &task)?;
+            if task.cancel_requested {
+                eprintln!(
+                    "the instance running task {task_id} has not stopped it yet; it stops as soon as it hears of it"
+                );
+            }
+            Ok(())
+        }
+        Command::Delete { name, client: args } => {
+            let deleted = client::when_ready(args.wait_ready(), || async {
+                client::delete(&mut args.connect().await?, &name).await
+            })
+            .await?;
+            print_result(
+                args.json,
+                serde_json::json!({
+                    "file_name": deleted.file_name,
+                    "deleted": true,
+                    "size": deleted.size,
+                }),
+                format!("DELETED {} ({} bytes)", deleted.file_name, deleted.size),
+            )
+        }
         _ => unreachable!("not a client command"),
+    }
+}
+
+/// Ctrl-C while `upload --wait` follows a task: cancel it on the server if asked to (or told
+/// to with --cancel-on-interrupt); either way the command ends as interrupted.
+async fn interrupted(c: &mut client::Client, task_id: &str, without_asking: bool) -> ClientError {
+    eprintln!();
+    let cancel = without_asking
+        || confirm(&format!(
+            "interrupted: cancel task {task_id} on the server? [y/N] "
+        ))
+        .await;
+    if !cancel {
+        return ClientError::Interrupted(format!(
+            "interrupted; task {task_id} goes on on the server (`upscaler watch {task_id}` to follow it, `upscaler cancel {task_id}` to stop it)"
+        ));
+    }
+    match client::cancel(c, task_id).await {
+        Ok(t) => ClientError::Interrupted(format!(
+            "interrupted; task {task_id} is {}{}",
+            client::state_name(&t),
+            if t.cancel_requested {
+                " (it stops as soon as its instance hears of it)"
+            } else {
+                ""
+            }
+        )),
+        Err(e) => ClientError::Interrupted(format!(
+            "interrupted; cancelling task {task_id} failed: {e}"
+        )),
+    }
+}
+
+/// Asks a yes/no question on stderr and reads the answer from stdin; no answer (end of
+/// input, or a second Ctrl-C) is no.
+async fn confirm(question: &str) -> bool {
+    eprint!("{question}");
+    let answer = tokio::task::spawn_blocking(|| {
+        let mut line = String::new();
+        std::io::stdin().read_line(&mut line).map(|_| line)
+    });
+    tokio::select! {
+        answer = answer => matches!(
+            answer,
+            Ok(Ok(line)) if matches!(line.trim().to_ascii_lowercase().as_str(), "y" | "yes")
+        ),
+        _ = tokio::signal::ctrl_c() => false,
     }
 }
 
@@ -439,7 +582,15 @@ async fn follow(c: &mut client::Client, task_id: &str) -> Result<pb::Task, Clien
     let task = client::watch(c, task_id, |t| {
         bar.set_length(t.tiles_total as u64);
         bar.set_position(t.tiles_done as u64);
-        bar.set_message(client::state_name(t));
+        let state = client::state_name(t);
+        if t.queue_position > 0 {
+            bar.set_message(format!(
+                "{state} ({} in the queue)",
+                ordinal(t.queue_position)
+            ));
+        } else {
+            bar.set_message(state);
+        }
     })
     .await;
     bar.finish_and_clear();
@@ -489,6 +640,9 @@ fn print_task(json: bool, t: &pb::Task) -> Result<(), ClientError> {
     if t.output_width > 0 {
         human += &format!(" -> {}x{}", t.output_width, t.output_height);
     }
+    if t.queue_position > 0 {
+        human += &format!(", {} in the queue", ordinal(t.queue_position));
+    }
     human += ")";
     if !t.error.is_empty() {
         human += &format!(": {}", t.error);
@@ -510,9 +664,23 @@ fn print_task(json: bool, t: &pb::Task) -> Result<(), ClientError> {
             "created_at": time(&t.created_at),
             "started_at": time(&t.started_at),
             "finished_at": time(&t.finished_at),
+            "queue_position": t.queue_position,
+            "cancel_requested": t.cancel_requested,
         }),
         human,
     )
+}
+
+/// 1st, 2nd, 3rd, 4th, ..., 11th, 12th, 13th, 21st.
+fn ordinal(n: u32) -> String {
+    let suffix = match (n % 10, n % 100) {
+        (_, 11..=13) => "th",
+        (1, _) => "st",
+        (2, _) => "nd",
+        (3, _) => "rd",
+        _ => "th",
+    };
+    format!("{n}{suffix}")
 }
 
 fn print_fetched(
@@ -580,7 +748,9 @@ fn run(command: Command) -> anyhow::Result<()> {
         | Command::Upload { .. }
         | Command::Status { .. }
         | Command::Watch { .. }
-        | Command::Fetch { .. } => unreachable!("handled in main"),
+        | Command::Fetch { .. }
+        | Command::Cancel { .. }
+        | Command::Delete { .. } => unreachable!("handled in main"),
         Command::Upscale {
             input,
             output,
@@ -768,9 +938,10 @@ fn output_format(
     Ok(match (format, ext.as_deref()) {
         (Some(Format::Png), _) | (None, Some("png")) | (None, None) => OutputFormat::Png,
         (Some(Format::Jpeg), _) | (None, Some("jpg" | "jpeg")) => OutputFormat::Jpeg(quality),
+        (Some(Format::Webp), _) | (None, Some("webp")) => OutputFormat::WebP,
         (None, Some(other)) => {
             return Err(PipelineError::InvalidOption(format!(
-                "cannot tell the output format from `.{other}`: use .png or .jpg, or pass --format"
+                "cannot tell the output format from `.{other}`: use .png, .jpg or .webp, or pass --format"
             )))
         }
     })

@@ -13,6 +13,10 @@
 //! | `upscaler_tiles_total` | counter (rate = tiles per second) | `model` |
 //! | `upscaler_uploaded_bytes_total` | counter | |
 //! | `upscaler_served_bytes_total` | counter | |
+//! | `upscaler_results_stored` | gauge (as the store saw it at the last sweep) | |
+//! | `upscaler_result_bytes_stored` | gauge (as the store saw it at the last sweep) | |
+//! | `upscaler_swept_total` | counter | `kind`: `result` (expired), `upload` (orphaned GridFS upload), `source_file` (orphaned file in TEMP_DIR), `task_record` |
+//! | `upscaler_cancelled_tasks_total` | counter | `state` (PENDING or STARTED when asked) |
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -30,6 +34,10 @@ pub const TASK_SECONDS: &str = "upscaler_task_duration_seconds";
 pub const TILES: &str = "upscaler_tiles_total";
 pub const UPLOADED_BYTES: &str = "upscaler_uploaded_bytes_total";
 pub const SERVED_BYTES: &str = "upscaler_served_bytes_total";
+pub const RESULTS_STORED: &str = "upscaler_results_stored";
+pub const RESULT_BYTES_STORED: &str = "upscaler_result_bytes_stored";
+pub const SWEPT: &str = "upscaler_swept_total";
+pub const CANCELLED: &str = "upscaler_cancelled_tasks_total";
 
 /// Serves `GET /metrics` on `addr`. One exporter per process.
 pub fn install(addr: SocketAddr) -> Result<(), String> {

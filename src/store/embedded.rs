@@ -257,6 +257,71 @@ impl ResultStore for EmbeddedStore {
             "result {file_name} kept being replaced while opening it"
         )))
     }
+
+    async fn delete(
+        &self,
+        file_name: &str,
+        made_by: Option<&str>,
+    ) -> Result<Option<ResultMeta>, StoreError> {
+        let _guard = self.result_writes.lock().await;
+        let Some(stored) = self.read_result(file_name).await? else {
+            return Ok(None);
+        };
+        if made_by.is_some_and(|task| task != stored.meta.task_id) {
+            return Ok(None);
+        }
+        // The meta file first: once it is gone the result is gone for every reader; a blob
+        // left by a crash right after is swept at the next open.
+        remove_if_exists(&self.results.join(Self::meta_name(file_name))).await?;
+        let blob = self.blob_path(file_name, stored.blob);
+        if let Err(e) = remove_if_exists(&blob).await {
+            tracing::warn!("cannot delete blob {}: {e}", blob.display());
+        }
+        Ok(Some(stored.meta))
+    }
+
+    async fn stored_before(
+        &self,
+        cutoff_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<ResultMeta>, StoreError> {
+        let mut old: Vec<ResultMeta> = self
+            .all_results()
+            .await?
+            .into_iter()
+            .filter(|m| m.created_at_ms < cutoff_ms)
+            .collect();
+        old.sort_by_key(|m| m.created_at_ms);
+        old.truncate(limit);
+        Ok(old)
+    }
+
+    async fn usage(&self) -> Result<(u64, u64), StoreError> {
+        let all = self.all_results().await?;
+        Ok((all.len() as u64, all.iter().map(|m| m.size).sum()))
+    }
+}
+
+impl EmbeddedStore {
+    /// Every readable result description; unreadable meta files are skipped with a warning.
+    async fn all_results(&self) -> Result<Vec<ResultMeta>, StoreError> {
+        let mut out = Vec::new();
+        let mut entries = tokio::fs::read_dir(&self.results).await?;
+        while let Some(entry) = entries.next_entry().await? {
+            let path = entry.path();
+            if !is_record_file(&path) {
+                continue;
+            }
+            let Some(bytes) = read_if_exists(&path).await? else {
+                continue;
+            };
+            match serde_json::from_slice::<StoredResult>(&bytes) {
+                Ok(stored) => out.push(stored.meta),
+                Err(e) => tracing::warn!("skipping result {}: {e}", path.display()),
+            }
+        }
+        Ok(out)
+    }
 }
 
 fn sha_hex(text: &str) -> String {

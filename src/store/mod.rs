@@ -58,25 +58,66 @@ pub trait ResultStore: Send + Sync {
     async fn put(&self, meta: &ResultMeta, bytes: Vec<u8>) -> Result<(), StoreError>;
     /// The result and its bytes as chunks of at most `CHUNK_SIZE`.
     async fn open(&self, file_name: &str) -> Result<Option<(ResultMeta, ChunkStream)>, StoreError>;
+    /// Deletes the result stored under `file_name` and its bytes; with `made_by`, only while
+    /// the stored result is still the one that task made (a conditional delete, so that of
+    /// several instances sweeping at once exactly one deletes it, and a newer result of the
+    /// same name is kept). The deleted result's description, or `None` if nothing matched.
+    async fn delete(
+        &self,
+        file_name: &str,
+        made_by: Option<&str>,
+    ) -> Result<Option<ResultMeta>, StoreError>;
+    /// Results stored before `cutoff_ms`, at most `limit` of them, oldest first.
+    async fn stored_before(
+        &self,
+        cutoff_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<ResultMeta>, StoreError>;
+    /// How many results are stored, and their total size in bytes.
+    async fn usage(&self) -> Result<(u64, u64), StoreError>;
 }
 
 /// The work queue shared by several instances: the task records themselves, each claimed by
 /// one worker under a lease that the worker keeps renewing. A task whose lease runs out (its
 /// worker died) can be claimed again, so no task is lost with an instance.
+/// What a worker learns when it renews its lease or saves under it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lease {
+    /// Still this worker's.
+    Held,
+    /// Still this worker's, and a client asked to cancel the task: stop and end it CANCELLED.
+    CancelRequested,
+    /// Another worker holds it now (or the task is gone): stop, and record nothing.
+    Lost,
+}
+
 #[async_trait::async_trait]
 pub trait TaskQueue: Send + Sync {
     /// Claims the oldest task that is PENDING and not leased, or whose lease has run out,
     /// for `owner` until `lease` from now. The record comes back as stored.
     async fn claim(&self, owner: &str, lease: Duration) -> Result<Option<TaskRecord>, StoreError>;
-    /// Extends the lease if `owner` still holds it; false if it lost it.
-    async fn renew_lease(&self, id: &str, owner: &str, lease: Duration)
-        -> Result<bool, StoreError>;
+    /// Extends the lease if `owner` still holds it.
+    async fn renew_lease(
+        &self,
+        id: &str,
+        owner: &str,
+        lease: Duration,
+    ) -> Result<Lease, StoreError>;
     /// Saves the record if `owner` still holds its lease, leaving the lease as it is.
-    async fn put_leased(&self, task: &TaskRecord, owner: &str) -> Result<bool, StoreError>;
+    async fn put_leased(&self, task: &TaskRecord, owner: &str) -> Result<Lease, StoreError>;
     /// Saves the record and gives the task back to the queue, if `owner` still holds it.
     async fn unlease(&self, task: &TaskRecord, owner: &str) -> Result<bool, StoreError>;
-    /// How many tasks wait for a worker.
+    /// How many tasks wait for a worker (PENDING, unclaimed, not being cancelled).
     async fn waiting(&self) -> Result<u64, StoreError>;
+    /// The place of a PENDING task in the queue: 1 + the unclaimed PENDING tasks queued
+    /// before it.
+    async fn position(&self, task: &TaskRecord) -> Result<u32, StoreError>;
+    /// Marks an unfinished task as to be cancelled and returns it as stored then (finished
+    /// tasks come back unchanged; `None` if there is no such task).
+    async fn request_cancel(&self, id: &str) -> Result<Option<TaskRecord>, StoreError>;
+    /// Saves `task` (its final, CANCELLED state) if no worker holds a live lease on it, so
+    /// the canceller ends it itself; false if a worker holds it (that worker ends it).
+    async fn cancel_unclaimed(&self, task: &TaskRecord) -> Result<bool, StoreError>;
 }
 
 /// Uploaded images between upload and the end of their task.
@@ -85,8 +126,12 @@ pub trait SourceStore: Send + Sync {
     /// Takes the finished upload at `path` (which may be moved or deleted).
     async fn put_source(&self, task_id: &str, path: &Path) -> Result<(), StoreError>;
     async fn source(&self, task_id: &str) -> Result<Option<Vec<u8>>, StoreError>;
-    /// Deleting a missing source is not an error.
-    async fn delete_source(&self, task_id: &str) -> Result<(), StoreError>;
+    /// Deleting a missing source is not an error; true if this call deleted it.
+    async fn delete_source(&self, task_id: &str) -> Result<bool, StoreError>;
+    /// The task ids of sources stored before `cutoff_ms` (at most `limit`), for the sweeper
+    /// to check against their tasks.
+    async fn sources_before(&self, cutoff_ms: i64, limit: usize)
+        -> Result<Vec<String>, StoreError>;
 }
 
 /// Sources as files in the local temp dir: for a single instance.
@@ -119,11 +164,46 @@ impl SourceStore for LocalSources {
         }
     }
 
-    async fn delete_source(&self, task_id: &str) -> Result<(), StoreError> {
+    async fn delete_source(&self, task_id: &str) -> Result<bool, StoreError> {
         match tokio::fs::remove_file(self.path(task_id)).await {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
-            _ => Ok(()),
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e.into()),
         }
+    }
+
+    async fn sources_before(
+        &self,
+        cutoff_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        let mut ids = Vec::new();
+        let mut dir = match tokio::fs::read_dir(&self.dir).await {
+            Ok(dir) => dir,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(ids),
+            Err(e) => return Err(e.into()),
+        };
+        while let Some(entry) = dir.next_entry().await? {
+            if ids.len() >= limit {
+                break;
+            }
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(id) = name.strip_suffix(".src") else {
+                continue;
+            };
+            let modified = entry.metadata().await.and_then(|m| m.modified());
+            let modified_ms = match modified {
+                Ok(t) => t
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as i64),
+                // Gone meanwhile (its task ended).
+                Err(_) => continue,
+            };
+            if modified_ms < cutoff_ms {
+                ids.push(id.to_owned());
+            }
+        }
+        Ok(ids)
     }
 }
 

@@ -11,7 +11,9 @@
 //!
 //! The `tasks` collection is also the shared work queue (`TaskQueue`): a worker claims a task
 //! by setting `lease_owner` and `lease_until_ms` in one findAndModify and keeps pushing the
-//! deadline forward; a task whose deadline passed is claimable again.
+//! deadline forward; a task whose deadline passed is claimable again. A cancellation sets
+//! `cancel_requested` on the record; the lease holder learns it from its next renewal or
+//! save (one findAndModify each), and a task nobody holds is ended by the canceller.
 //!
 //! A result is replaced by uploading the new blob, then swapping the `results` document in
 //! one findAndModify, then deleting the old blob: readers see the old or the new result.
@@ -28,7 +30,7 @@ use mongodb::options::{ClientOptions, GridFsBucketOptions, IndexOptions, ReturnD
 use mongodb::{Client, Collection, IndexModel};
 
 use super::{
-    check_size, read_chunks, ChunkStream, ResultStore, SourceStore, StoreError, TaskQueue,
+    check_size, read_chunks, ChunkStream, Lease, ResultStore, SourceStore, StoreError, TaskQueue,
     TaskStore,
 };
 use crate::tasks::types::{now_ms, ResultMeta, TaskRecord};
@@ -108,6 +110,22 @@ impl MongoStore {
             ))
         })?;
 
+        let results = db.collection::<Document>("results");
+        // The expiry sweep asks for the oldest results.
+        results
+            .create_index(
+                IndexModel::builder()
+                    .keys(doc! { "created_at_ms": 1 })
+                    .build(),
+            )
+            .await
+            .map_err(|e| {
+                StoreError::Unavailable(format!(
+                    "cannot create the indexes of {database}.results: {}",
+                    scrub(e)
+                ))
+            })?;
+
         let bucket = |name: &str| {
             db.gridfs_bucket(
                 GridFsBucketOptions::builder()
@@ -117,7 +135,7 @@ impl MongoStore {
         };
         Ok(Self {
             tasks,
-            results: db.collection("results"),
+            results,
             bucket: bucket(BUCKET),
             uploads: bucket(UPLOADS),
             task_ttl,
@@ -287,7 +305,7 @@ impl TaskQueue for MongoStore {
                 },
                 doc! { "$set": { "lease_owner": owner, "lease_until_ms": now + millis(lease) } },
             )
-            .sort(doc! { "created_at_ms": 1 })
+            .sort(doc! { "created_at_ms": 1, "_id": 1 })
             .return_document(ReturnDocument::After)
             .await
             .map_err(|e| driver_error("claiming a task", e))?;
@@ -299,14 +317,14 @@ impl TaskQueue for MongoStore {
         id: &str,
         owner: &str,
         lease: Duration,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Lease, StoreError> {
         let until = now_ms() + millis(lease);
         let update = doc! { "$set": { "lease_until_ms": until } };
         self.update_leased(id, owner, update, "renewing a task lease")
             .await
     }
 
-    async fn put_leased(&self, task: &TaskRecord, owner: &str) -> Result<bool, StoreError> {
+    async fn put_leased(&self, task: &TaskRecord, owner: &str) -> Result<Lease, StoreError> {
         let update = doc! { "$set": self.task_fields(task)? };
         self.update_leased(&task.id, owner, update, "saving a task")
             .await
@@ -317,33 +335,114 @@ impl TaskQueue for MongoStore {
             "$set": self.task_fields(task)?,
             "$unset": { "lease_owner": "", "lease_until_ms": "" },
         };
-        self.update_leased(&task.id, owner, update, "returning a task to the queue")
-            .await
+        let lease = self
+            .update_leased(&task.id, owner, update, "returning a task to the queue")
+            .await?;
+        Ok(lease != Lease::Lost)
     }
 
     async fn waiting(&self) -> Result<u64, StoreError> {
         self.tasks
-            .count_documents(doc! { "state": "PENDING" })
+            .count_documents(waiting_filter())
             .await
             .map_err(|e| driver_error("counting queued tasks", e))
+    }
+
+    async fn position(&self, task: &TaskRecord) -> Result<u32, StoreError> {
+        let mut ahead = waiting_filter();
+        // The claim order: oldest first, the id breaking ties.
+        ahead.insert(
+            "$and",
+            bson::bson!([{ "$or": [
+                { "created_at_ms": { "$lt": task.created_at_ms } },
+                { "created_at_ms": task.created_at_ms, "_id": { "$lt": task.id.as_str() } },
+            ] }]),
+        );
+        let ahead = self
+            .tasks
+            .count_documents(ahead)
+            .await
+            .map_err(|e| driver_error("counting the tasks ahead", e))?;
+        Ok(u32::try_from(ahead).unwrap_or(u32::MAX - 1) + 1)
+    }
+
+    async fn request_cancel(&self, id: &str) -> Result<Option<TaskRecord>, StoreError> {
+        let marked = self
+            .tasks
+            .find_one_and_update(
+                doc! { "_id": id, "state": { "$in": ["PENDING", "STARTED"] } },
+                doc! { "$set": { "cancel_requested": true } },
+            )
+            .return_document(ReturnDocument::After)
+            .await
+            .map_err(|e| driver_error("asking to cancel a task", e))?;
+        match marked {
+            Some(doc) => task_from_doc(doc).map(Some),
+            // Finished, or no such task.
+            None => self.get(id).await,
+        }
+    }
+
+    async fn cancel_unclaimed(&self, task: &TaskRecord) -> Result<bool, StoreError> {
+        let r = self
+            .tasks
+            .update_one(
+                doc! {
+                    "_id": task.id.as_str(),
+                    "state": { "$in": ["PENDING", "STARTED"] },
+                    "$or": [
+                        { "lease_until_ms": Bson::Null },
+                        { "lease_until_ms": { "$lt": now_ms() } },
+                    ],
+                },
+                doc! {
+                    "$set": self.task_fields(task)?,
+                    "$unset": { "lease_owner": "", "lease_until_ms": "", "cancel_requested": "" },
+                },
+            )
+            .await
+            .map_err(|e| driver_error("cancelling a task", e))?;
+        Ok(r.matched_count == 1)
+    }
+}
+
+/// Tasks that wait for a worker: PENDING, not claimed under a live lease, and not being
+/// cancelled.
+fn waiting_filter() -> Document {
+    doc! {
+        "state": "PENDING",
+        "cancel_requested": { "$ne": true },
+        "$or": [
+            { "lease_until_ms": Bson::Null },
+            { "lease_until_ms": { "$lt": now_ms() } },
+        ],
     }
 }
 
 impl MongoStore {
-    /// Applies `update` to task `id` if `owner` holds its lease; false if it does not.
+    /// Applies `update` to task `id` if `owner` holds its lease, and tells whether a
+    /// cancellation waits for it, in one findAndModify.
     async fn update_leased(
         &self,
         id: &str,
         owner: &str,
         update: Document,
         what: &str,
-    ) -> Result<bool, StoreError> {
-        let r = self
+    ) -> Result<Lease, StoreError> {
+        let found = self
             .tasks
-            .update_one(doc! { "_id": id, "lease_owner": owner }, update)
+            .find_one_and_update(doc! { "_id": id, "lease_owner": owner }, update)
+            .projection(doc! { "cancel_requested": 1 })
+            .return_document(ReturnDocument::After)
             .await
             .map_err(|e| driver_error(what, e))?;
-        Ok(r.matched_count == 1)
+        Ok(match found {
+            None => Lease::Lost,
+            Some(doc) if doc.get_bool("cancel_requested").unwrap_or(false) => {
+                Lease::CancelRequested
+            }
+            Some(_) => Lease::Held,
+        })
     }
 }
 
@@ -402,11 +501,36 @@ impl SourceStore for MongoStore {
         Ok(Some(bytes))
     }
 
-    async fn delete_source(&self, task_id: &str) -> Result<(), StoreError> {
+    async fn delete_source(&self, task_id: &str) -> Result<bool, StoreError> {
         match self.uploads.delete(Bson::String(task_id.to_owned())).await {
-            Err(e) if !is_file_not_found(&e) => Err(driver_error("deleting an upload", e)),
-            _ => Ok(()),
+            Ok(()) => Ok(true),
+            Err(e) if is_file_not_found(&e) => Ok(false),
+            Err(e) => Err(driver_error("deleting an upload", e)),
         }
+    }
+
+    async fn sources_before(
+        &self,
+        cutoff_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        let files: Vec<_> = self
+            .uploads
+            .find(doc! { "uploadDate": { "$lt": bson::DateTime::from_millis(cutoff_ms) } })
+            .limit(i64::try_from(limit).unwrap_or(i64::MAX))
+            .await
+            .map_err(|e| driver_error("listing uploads", e))?
+            .try_collect()
+            .await
+            .map_err(|e| driver_error("listing uploads", e))?;
+        // Uploads are stored under their task id; anything else is not ours to judge.
+        Ok(files
+            .into_iter()
+            .filter_map(|f| match f.id {
+                Bson::String(id) => Some(id),
+                _ => None,
+            })
+            .collect())
     }
 }
 
@@ -506,6 +630,78 @@ impl ResultStore for MongoStore {
         Err(StoreError::Corrupt(format!(
             "result {file_name} kept being replaced while opening it"
         )))
+    }
+
+    async fn delete(
+        &self,
+        file_name: &str,
+        made_by: Option<&str>,
+    ) -> Result<Option<ResultMeta>, StoreError> {
+        let mut filter = doc! { "_id": file_name };
+        if let Some(task_id) = made_by {
+            filter.insert("task_id", task_id);
+        }
+        // One findAndModify: of several callers, exactly one gets the document and so
+        // deletes the blob.
+        let deleted = self
+            .results
+            .find_one_and_delete(filter)
+            .await
+            .map_err(|e| driver_error("deleting a result", e))?;
+        let Some(doc) = deleted else {
+            return Ok(None);
+        };
+        let (meta, blob) = result_from_doc(file_name, &doc)?;
+        self.delete_blob(blob).await;
+        Ok(Some(meta))
+    }
+
+    async fn stored_before(
+        &self,
+        cutoff_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<ResultMeta>, StoreError> {
+        let docs: Vec<Document> = self
+            .results
+            .find(doc! { "created_at_ms": { "$lt": cutoff_ms } })
+            .sort(doc! { "created_at_ms": 1 })
+            .limit(i64::try_from(limit).unwrap_or(i64::MAX))
+            .await
+            .map_err(|e| driver_error("listing old results", e))?
+            .try_collect()
+            .await
+            .map_err(|e| driver_error("listing old results", e))?;
+        docs.iter()
+            .map(|doc| {
+                let name = doc.get_str("_id").unwrap_or_default();
+                result_from_doc(name, doc).map(|(meta, _)| meta)
+            })
+            .collect()
+    }
+
+    async fn usage(&self) -> Result<(u64, u64), StoreError> {
+        let pipeline = [doc! { "$group": {
+            "_id": Bson::Null,
+            "count": { "$sum": 1 },
+            "bytes": { "$sum": "$size" },
+        } }];
+        let groups: Vec<Document> = self
+            .results
+            .aggregate(pipeline)
+            .await
+            .map_err(|e| driver_error("summing results", e))?
+            .try_collect()
+            .await
+            .map_err(|e| driver_error("summing results", e))?;
+        let number = |doc: &Document, key: &str| match doc.get(key) {
+            Some(Bson::Int32(n)) => *n as u64,
+            Some(Bson::Int64(n)) => *n as u64,
+            Some(Bson::Double(n)) => *n as u64,
+            _ => 0,
+        };
+        Ok(groups
+            .first()
+            .map_or((0, 0), |g| (number(g, "count"), number(g, "bytes"))))
     }
 }
 

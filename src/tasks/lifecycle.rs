@@ -12,14 +12,18 @@ use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
 use super::types::{now_ms, TaskRecord, TaskState};
-use super::{not_found_task, Error, Event, Inner, Job, Queue};
+use super::{not_found_task, Error, Event, Inner, Queue};
 use crate::locks::Acquire;
+use crate::store::Lease;
 
 /// How often a watcher re-reads a task that runs in another process, without task events
 /// and with them (then only to catch a lost message).
 const REMOTE_POLL: Duration = Duration::from_millis(500);
 const REMOTE_POLL_WITH_EVENTS: Duration = Duration::from_secs(5);
-const JANITOR_EVERY: Duration = Duration::from_secs(60);
+/// How often a watcher of a task waiting in the shared queue re-reads its place.
+const POSITION_POLL: Duration = Duration::from_secs(1);
+/// How often the shared queue's depth is read from the store for the metrics.
+const QUEUE_DEPTH_EVERY: Duration = Duration::from_secs(3);
 /// Backend health: how often each is pinged, and how long a ping may take.
 const HEALTH_EVERY: Duration = Duration::from_secs(1);
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
@@ -76,15 +80,7 @@ pub(super) async fn recover(inner: &Arc<Inner>) -> Result<(), Error> {
                     file_name = task.file_name,
                     "requeued after restart"
                 );
-                if queue
-                    .send(Job {
-                        task_id: task.id.clone(),
-                    })
-                    .await
-                    .is_err()
-                {
-                    break;
-                }
+                queue.push_recovered(&task.id);
             }
             Err(msg) => {
                 tracing::info!(
@@ -102,6 +98,7 @@ pub(super) async fn recover(inner: &Arc<Inner>) -> Result<(), Error> {
             }
         }
     }
+    inner.queue_changed();
     Ok(())
 }
 
@@ -172,6 +169,7 @@ pub(super) async fn keep_lease(
     task_id: String,
     owner: String,
     stop: CancellationToken,
+    cancelled: CancellationToken,
 ) {
     let Queue::Shared { store, .. } = &inner.queue else {
         return;
@@ -183,8 +181,10 @@ pub(super) async fn keep_lease(
             _ = tokio::time::sleep(every) => {}
         }
         match store.renew_lease(&task_id, &owner, inner.lock_ttl()).await {
-            Ok(true) => {}
-            Ok(false) => {
+            Ok(Lease::Held) => {}
+            // Keep the lease while the run stops and records the cancellation.
+            Ok(Lease::CancelRequested) => cancelled.cancel(),
+            Ok(Lease::Lost) => {
                 tracing::warn!(task_id, "lost the task lease");
                 stop.cancel();
                 return;
@@ -265,6 +265,11 @@ pub(super) async fn dispatch_events(inner: Arc<Inner>, mut events: broadcast::Re
                     wake.notify_waiters();
                 }
             }
+            Ok(Event::Cancel(task_id)) => {
+                if inner.stop_live(&task_id) {
+                    tracing::info!(task_id, "cancellation asked on another instance");
+                }
+            }
             Ok(Event::Task(task)) => {
                 let mut followed = inner.followed.lock().expect("poisoned");
                 if let Some(tx) = followed.get(&task.id) {
@@ -279,17 +284,24 @@ pub(super) async fn dispatch_events(inner: Arc<Inner>, mut events: broadcast::Re
     }
 }
 
-/// Deletes expired task records now and then (a no-op for stores that expire by themselves).
-pub(super) async fn janitor(inner: Arc<Inner>) {
+/// Shared mode: keeps `upscaler_queue_depth` live, read from the store every few seconds
+/// (and at each claim and upload, by their callers).
+pub(super) async fn track_queue_depth(inner: Arc<Inner>) {
     loop {
-        match inner.tasks.purge_expired(now_ms()).await {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(deleted = n, "expired task records removed"),
-            Err(e) => tracing::warn!(error = %e, "cannot remove expired task records"),
-        }
+        refresh_queue_depth(&inner).await;
         tokio::select! {
             _ = inner.shutdown.cancelled() => return,
-            _ = tokio::time::sleep(JANITOR_EVERY) => {}
+            _ = tokio::time::sleep(QUEUE_DEPTH_EVERY) => {}
+        }
+    }
+}
+
+/// Reads the shared queue's depth into the gauge.
+pub(super) async fn refresh_queue_depth(inner: &Inner) {
+    if let Queue::Shared { store, .. } = &inner.queue {
+        match store.waiting().await {
+            Ok(n) => metrics::gauge!(crate::metrics::QUEUE_DEPTH).set(n as f64),
+            Err(e) => tracing::debug!(error = %e, "cannot count the queued tasks"),
         }
     }
 }
@@ -333,6 +345,7 @@ pub(super) async fn watch(
         .get(task_id)
         .await?
         .ok_or_else(|| not_found_task(task_id))?;
+    let first = inner.with_position(first).await;
     // Runs in another process (or waits for one): follow its events, and re-read the store
     // now and then in case one was lost.
     let mut rx = follow(&inner, &first);
@@ -347,6 +360,8 @@ pub(super) async fn watch(
         yield last.clone();
         let mut heard = false;
         while !last.state.is_terminal() {
+            // A waiting task's place changes without events: look more often.
+            let every = if last.state == TaskState::Pending { POSITION_POLL } else { poll };
             let next = tokio::select! {
                 _ = inner.shutdown.cancelled() => break,
                 changed = rx.changed() => {
@@ -354,13 +369,21 @@ pub(super) async fn watch(
                         break;
                     }
                     heard = true;
-                    rx.borrow_and_update().clone()
+                    let t = rx.borrow_and_update().clone();
+                    inner.with_position(t).await
                 }
-                _ = tokio::time::sleep(poll) => {
+                _ = tokio::time::sleep(every) => {
                     match inner.tasks.get(&id).await {
-                        // The store lags behind events: trust it only for the end, or when
-                        // no event came since the last look.
-                        Ok(Some(t)) if t.state.is_terminal() || !heard => t,
+                        // The store lags behind events: trust it only for the end, for a
+                        // task still waiting (its place), or when no event came since the
+                        // last look.
+                        Ok(Some(t))
+                            if t.state.is_terminal()
+                                || !heard
+                                || (t.state == TaskState::Pending && last.state == TaskState::Pending) =>
+                        {
+                            inner.with_position(t).await
+                        }
                         Ok(Some(_)) => {
                             heard = false;
                             continue;

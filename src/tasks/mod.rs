@@ -10,9 +10,12 @@
 //! means fetch"); the backends behind `store` and `locks` own durability. Knows nothing of
 //! gRPC: `api` converts to and from these types.
 
+mod cancel;
 mod lifecycle;
 mod models;
 pub mod names;
+mod queue;
+mod sweep;
 pub mod types;
 mod upload;
 mod worker;
@@ -24,7 +27,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::stream::BoxStream;
-use tokio::sync::{mpsc, watch, Notify};
+use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
@@ -32,10 +35,11 @@ use crate::events::{Event, RedisEvents};
 use crate::locks::{LockError, LockManager};
 use crate::pipeline::{AlphaMode, EnhanceOptions, TileSize};
 use crate::store::{
-    ChunkStream, LocalSources, ResultStore, SourceStore, StoreError, TaskQueue, TaskStore,
+    ChunkStream, Lease, LocalSources, ResultStore, SourceStore, StoreError, TaskQueue, TaskStore,
 };
 pub use models::{ModelCache, ModelCatalog, ModelInfo};
-use types::{ResultFormat, ResultMeta, TaskRecord};
+use queue::LocalQueue;
+use types::{ResultFormat, ResultMeta, TaskRecord, TaskState};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -45,6 +49,10 @@ pub enum Error {
     NotFound(String),
     #[error("{0}")]
     AlreadyExists(String),
+    /// The request is valid but not in the current state (a finished task cannot be
+    /// cancelled, a result being made cannot be deleted).
+    #[error("{0}")]
+    FailedPrecondition(String),
     #[error("{0}")]
     TooLarge(String),
     #[error("the task queue is full ({0} waiting); try again later")]
@@ -105,15 +113,10 @@ pub struct UploadOutcome {
     pub kind: OutcomeKind,
 }
 
-/// What a worker needs to run a task; the record itself lives in the task store.
-struct Job {
-    task_id: String,
-}
-
 /// Where queued tasks wait.
 enum Queue {
     /// This process only.
-    Local(mpsc::Sender<Job>),
+    Local(LocalQueue),
     /// The shared store; `wake` tells idle workers that a task may be waiting.
     Shared {
         store: Arc<dyn TaskQueue>,
@@ -169,6 +172,9 @@ struct Live {
     updates: watch::Sender<TaskRecord>,
     /// Stops the lock renewal.
     lease: CancellationToken,
+    /// Cancelled when a client cancels the task: a queued task is then never started, a
+    /// running one stops between the layers of its tile.
+    stop: CancellationToken,
 }
 
 pub(crate) struct Inner {
@@ -222,21 +228,12 @@ impl TaskService {
             .get(&settings.default_model)
             .await
             .map_err(|e| Error::Internal(format!("cannot load the default model: {e}")))?;
-        let (queue, rx) = match backends.queue {
-            Some(store) => (
-                Queue::Shared {
-                    store,
-                    wake: Notify::new(),
-                },
-                None,
-            ),
-            None => {
-                let (tx, rx) = mpsc::channel(settings.queue_capacity);
-                (
-                    Queue::Local(tx),
-                    Some(Arc::new(tokio::sync::Mutex::new(rx))),
-                )
-            }
+        let queue = match backends.queue {
+            Some(store) => Queue::Shared {
+                store,
+                wake: Notify::new(),
+            },
+            None => Queue::Local(LocalQueue::new(settings.queue_capacity)),
         };
         let inner = Arc::new(Inner {
             settings,
@@ -260,15 +257,18 @@ impl TaskService {
             "task service starting"
         );
         let handles = (0..inner.settings.workers)
-            .map(|i| tokio::spawn(worker::run(inner.clone(), rx.clone(), i)))
+            .map(|i| tokio::spawn(worker::run(inner.clone(), i)))
             .collect();
         let service = Self {
             inner,
             workers: Arc::new(tokio::sync::Mutex::new(handles)),
         };
         lifecycle::recover(&service.inner).await?;
-        tokio::spawn(lifecycle::janitor(service.inner.clone()));
+        tokio::spawn(sweep::sweeper(service.inner.clone()));
         tokio::spawn(lifecycle::monitor_backends(service.inner.clone()));
+        if service.inner.is_shared() {
+            tokio::spawn(lifecycle::track_queue_depth(service.inner.clone()));
+        }
         if let Some(events) = &service.inner.events {
             tokio::spawn(lifecycle::dispatch_events(
                 service.inner.clone(),
@@ -301,13 +301,35 @@ impl TaskService {
         self.inner.check_backends()?;
         match self.inner.live_state(task_id) {
             Some(t) => Ok(t),
-            None => self
-                .inner
-                .tasks
-                .get(task_id)
-                .await?
-                .ok_or_else(|| not_found_task(task_id)),
+            None => {
+                let task = self.inner.tasks.get(task_id).await?;
+                let task = task.ok_or_else(|| not_found_task(task_id))?;
+                Ok(self.inner.with_position(task).await)
+            }
         }
+    }
+
+    /// Cancels an unfinished task (see `cancel`): its final record, or the record as it is
+    /// while the instance running it has not stopped yet.
+    pub async fn cancel(&self, task_id: &str) -> Result<TaskRecord, Error> {
+        self.inner.check_backends()?;
+        cancel::cancel(&self.inner, task_id).await
+    }
+
+    /// Deletes the stored result for `file_name` and frees the name; refused while a task
+    /// for that name is pending or running.
+    pub async fn delete_result(&self, file_name: &str) -> Result<ResultMeta, Error> {
+        self.inner.check_backends()?;
+        names::validate(file_name).map_err(Error::InvalidArgument)?;
+        if let Some(holder) = self.inner.locks.holder(file_name).await? {
+            return Err(Error::FailedPrecondition(format!(
+                "task {holder} for `{file_name}` is pending or running; wait for it to end or cancel it first"
+            )));
+        }
+        let deleted = self.inner.results.delete(file_name, None).await?;
+        let meta = deleted.ok_or_else(|| not_found_result(file_name))?;
+        tracing::info!(file_name, bytes = meta.size, "result deleted");
+        Ok(meta)
     }
 
     /// The task's current state, then each change, ending after a terminal state (or when
@@ -447,28 +469,61 @@ impl Inner {
     }
 
     /// Publishes a new state and persists it. In shared mode only while `owner` (Some there)
-    /// holds the task's lease: `Ok(false)` means another instance took the task over.
-    async fn save(&self, task: &TaskRecord, owner: Option<&str>) -> Result<bool, Error> {
-        let saved = match (&self.queue, owner) {
+    /// holds the task's lease: `Lease::Lost` means another instance took the task over (and
+    /// nothing was saved), `Lease::CancelRequested` that a client asked to cancel it.
+    async fn save(&self, task: &TaskRecord, owner: Option<&str>) -> Result<Lease, Error> {
+        let lease = match (&self.queue, owner) {
             (Queue::Shared { store, .. }, Some(owner)) => store.put_leased(task, owner).await?,
             _ => {
                 self.tasks.put(task).await?;
-                true
+                Lease::Held
             }
         };
-        if saved {
+        if lease != Lease::Lost {
             self.publish(task).await;
         }
-        Ok(saved)
+        Ok(lease)
     }
 
-    /// Publishes how many tasks wait in this process's queue (the shared queue's depth is
-    /// counted at upload).
-    fn note_queue_depth(&self) {
-        if let Queue::Local(queue) = &self.queue {
-            let depth = queue.max_capacity() - queue.capacity();
-            metrics::gauge!(crate::metrics::QUEUE_DEPTH).set(depth as f64);
+    /// After the local queue changed: publishes its depth, and to each waiting task's
+    /// watchers its new place. (The shared queue's depth is kept by `track_queue_depth`.)
+    fn queue_changed(&self) {
+        let Queue::Local(queue) = &self.queue else {
+            return;
+        };
+        let waiting = queue.snapshot();
+        metrics::gauge!(crate::metrics::QUEUE_DEPTH).set(waiting.len() as f64);
+        let live = self.live.lock().expect("poisoned");
+        for (i, id) in waiting.iter().enumerate() {
+            if let Some(l) = live.get(id) {
+                let position = i as u32 + 1;
+                l.updates.send_if_modified(|t| {
+                    let moved = t.state == TaskState::Pending && t.queue_position != position;
+                    if moved {
+                        t.queue_position = position;
+                    }
+                    moved
+                });
+            }
         }
+    }
+
+    /// A stored record with its queue position filled in (PENDING tasks of the shared queue;
+    /// the local queue's live tasks carry theirs already).
+    async fn with_position(&self, mut task: TaskRecord) -> TaskRecord {
+        if task.state != TaskState::Pending {
+            task.queue_position = 0;
+            return task;
+        }
+        if let Queue::Shared { store, .. } = &self.queue {
+            match store.position(&task).await {
+                Ok(p) => task.queue_position = p,
+                Err(e) => {
+                    tracing::debug!(task_id = task.id, error = %e, "cannot work out a queue position")
+                }
+            }
+        }
+        task
     }
 
     /// Tells idle workers, here and elsewhere, that a task waits.
@@ -500,6 +555,8 @@ impl Inner {
         self.retire(&task.id);
         match self.locks.release(&task.file_name, &task.id).await {
             Ok(true) => {}
+            // Its canceller may have freed the name first.
+            Ok(false) if task.state == TaskState::Cancelled => {}
             Ok(false) => tracing::warn!(
                 task_id = task.id,
                 "the lock had already expired or changed hands"
@@ -513,28 +570,61 @@ impl Inner {
     /// Registers a task as live here and starts renewing its lock.
     /// A task already live here (queued here, now running) keeps its watchers and renewal.
     fn go_live(self: &Arc<Self>, task: &TaskRecord) {
-        let lease = self.shutdown.child_token();
-        {
-            let mut live = self.live.lock().expect("poisoned");
-            if let Some(existing) = live.get(&task.id) {
+        let mut live = self.live.lock().expect("poisoned");
+        match live.get(&task.id) {
+            Some(existing) if !existing.stop.is_cancelled() => {
                 existing.updates.send_replace(task.clone());
-                return;
             }
-            let (updates, _) = watch::channel(task.clone());
-            live.insert(
-                task.id.clone(),
-                Live {
-                    updates,
-                    lease: lease.clone(),
-                },
-            );
+            Some(_) => {}
+            None => self.insert_live(&mut live, task),
         }
+    }
+
+    /// Marks a task STARTED for a worker about to run it (live from now on, if it was not),
+    /// and gives the token that a cancellation trips. `None`: it was cancelled while it
+    /// waited. One step under the live-task lock, so a cancellation sees it either still
+    /// waiting (and ends it itself) or started (and leaves the ending to the worker).
+    fn begin(self: &Arc<Self>, task: &TaskRecord) -> Option<CancellationToken> {
+        let mut live = self.live.lock().expect("poisoned");
+        if !live.contains_key(&task.id) {
+            self.insert_live(&mut live, task);
+        }
+        let l = live.get(&task.id)?;
+        if l.stop.is_cancelled() {
+            return None;
+        }
+        l.updates.send_replace(task.clone());
+        Some(l.stop.clone())
+    }
+
+    fn insert_live(self: &Arc<Self>, live: &mut HashMap<String, Live>, task: &TaskRecord) {
+        let lease = self.shutdown.child_token();
+        let (updates, _) = watch::channel(task.clone());
+        live.insert(
+            task.id.clone(),
+            Live {
+                updates,
+                lease: lease.clone(),
+                stop: CancellationToken::new(),
+            },
+        );
         tokio::spawn(lifecycle::renew_lock(
             self.clone(),
             task.file_name.clone(),
             task.id.clone(),
             lease,
         ));
+    }
+
+    /// Trips the cancellation of a task live here; false if it is not live here.
+    fn stop_live(&self, task_id: &str) -> bool {
+        match self.live.lock().expect("poisoned").get(task_id) {
+            Some(l) => {
+                l.stop.cancel();
+                true
+            }
+            None => false,
+        }
     }
 
     /// Forgets a live task: watchers see its last state and end; the lock renewal stops.

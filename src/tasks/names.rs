@@ -63,6 +63,7 @@ impl ResultFormat {
         match self {
             Self::Png => crate::imaging::OutputFormat::Png,
             Self::Jpeg => crate::imaging::OutputFormat::Jpeg(95),
+            Self::Webp => crate::imaging::OutputFormat::WebP,
         }
     }
 }

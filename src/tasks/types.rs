@@ -10,11 +10,13 @@ pub enum TaskState {
     Started,
     Success,
     Failure,
+    /// Cancelled by a client before it finished: no result was stored.
+    Cancelled,
 }
 
 impl TaskState {
     pub fn is_terminal(self) -> bool {
-        matches!(self, Self::Success | Self::Failure)
+        matches!(self, Self::Success | Self::Failure | Self::Cancelled)
     }
 }
 
@@ -24,6 +26,8 @@ pub enum ResultFormat {
     #[default]
     Png,
     Jpeg,
+    /// Lossless WebP.
+    Webp,
 }
 
 /// What the client asked for, besides the bytes. Together with the source hash it decides
@@ -79,6 +83,15 @@ pub struct TaskRecord {
     pub finished_at_ms: Option<i64>,
     /// When a finished task's record may be deleted.
     pub expires_at_ms: Option<i64>,
+    /// Shared mode: a client asked to cancel the task and the instance that runs it has not
+    /// acted on it yet. Written by the store's cancel request only, never from a record, so
+    /// saving a record cannot clear it.
+    #[serde(default, skip_serializing)]
+    pub cancel_requested: bool,
+    /// For a PENDING task, its place in the queue (1 = next); 0 otherwise. Worked out when
+    /// the task is read, never stored.
+    #[serde(default, skip_serializing)]
+    pub queue_position: u32,
 }
 
 /// Description of a stored result. One per file name.

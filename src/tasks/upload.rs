@@ -15,7 +15,7 @@ use tokio::io::AsyncWriteExt;
 
 use super::names::{self, Declared};
 use super::types::{hex, now_ms, JobOptions, ResultFormat, TaskRecord, TaskState};
-use super::{lifecycle, Error, Inner, Job, OutcomeKind, Queue, UploadMeta, UploadOutcome};
+use super::{lifecycle, Error, Inner, OutcomeKind, Queue, UploadMeta, UploadOutcome};
 use crate::imaging::{self, ImagingError};
 use crate::locks::Acquire;
 
@@ -261,13 +261,18 @@ async fn admit(
         .spec;
     let enhance = inner.enhance_options(options.tile, options.outscale)?;
     let (w, h) = (received.width as usize, received.height as usize);
+    // The size is known now, so an outscale that leaves no pixel is refused here rather
+    // than failing in the worker.
+    enhance
+        .output_size(spec.scale(), w, h)
+        .map_err(|e| Error::InvalidArgument(e.to_string()))?;
     let passes = crate::pipeline::planned_passes(&spec.arch, &enhance, w, h, received.has_alpha);
     if let Queue::Shared { store, .. } = &inner.queue {
         let waiting = store.waiting().await?;
         if waiting >= inner.settings.queue_capacity as u64 {
             return Err(Error::QueueFull(waiting as usize));
         }
-        metrics::gauge!(crate::metrics::QUEUE_DEPTH).set(waiting as f64);
+        metrics::gauge!(crate::metrics::QUEUE_DEPTH).set(waiting as f64 + 1.0);
     }
     inner
         .sources
@@ -291,24 +296,15 @@ async fn admit(
         started_at_ms: None,
         finished_at_ms: None,
         expires_at_ms: None,
+        cancel_requested: false,
+        queue_position: 0,
     };
     inner.tasks.insert(&task).await?;
     match &inner.queue {
         Queue::Local(queue) => {
             inner.go_live(&task);
-            queue
-                .try_send(Job {
-                    task_id: task_id.to_string(),
-                })
-                .map_err(|e| match e {
-                    tokio::sync::mpsc::error::TrySendError::Full(_) => {
-                        Error::QueueFull(inner.settings.queue_capacity)
-                    }
-                    tokio::sync::mpsc::error::TrySendError::Closed(_) => {
-                        Error::Unavailable("the server is shutting down".into())
-                    }
-                })?;
-            inner.note_queue_depth();
+            queue.push(task_id).map_err(Error::QueueFull)?;
+            inner.queue_changed();
         }
         Queue::Shared { .. } => {
             tokio::spawn(lifecycle::keep_queued_lock(

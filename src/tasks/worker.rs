@@ -1,23 +1,25 @@
 //! The worker pool: each worker takes a queued task, runs the model on a blocking thread
 //! (never on the async executor), publishes progress per tile, stores the result and ends
-//! the task as SUCCESS or FAILURE; on shutdown the task goes back to PENDING instead.
+//! the task as SUCCESS or FAILURE; on shutdown the task goes back to PENDING instead, and on
+//! a client's cancellation it stops (between the layers of its tile) and ends CANCELLED with
+//! nothing stored.
 
 use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
-use tokio::sync::{mpsc, Mutex};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::types::{hex, now_ms, ResultMeta, TaskRecord, TaskState};
-use super::{lifecycle, Inner, Job, Queue};
+use super::{lifecycle, Inner, Queue};
 use crate::imaging;
 use crate::locks::Acquire;
 use crate::model::{ModelError, Progress};
 use crate::pipeline::{self, PipelineError};
-use crate::store::StoreError;
+use crate::store::{Lease, StoreError};
 
 /// Progress is persisted at most this often; watchers in this process see every tile.
 const PERSIST_EVERY: Duration = Duration::from_millis(500);
@@ -26,6 +28,8 @@ enum Outcome {
     Done(ResultMeta, Vec<u8>),
     /// Stopped by shutdown, or by the loss of the lease (`cancel` tells which).
     Interrupted,
+    /// Stopped because a client cancelled the task.
+    Cancelled,
     /// A backend failed before the work began: try again later.
     Requeue(String),
     Failed(String),
@@ -41,19 +45,14 @@ struct Claimed {
 /// wake-up from an upload anywhere comes sooner), and after a backend error.
 const CLAIM_POLL: Duration = Duration::from_secs(1);
 
-pub(super) async fn run(
-    inner: Arc<Inner>,
-    local: Option<Arc<Mutex<mpsc::Receiver<Job>>>>,
-    worker: usize,
-) {
+pub(super) async fn run(inner: Arc<Inner>, worker: usize) {
     let owner = format!("{}/{worker}", inner.instance);
     loop {
-        let next = match &local {
-            Some(queue) => next_local(&inner, queue).await,
-            None => next_shared(&inner, &owner).await,
+        let next = match &inner.queue {
+            Queue::Local(queue) => next_local(&inner, queue).await,
+            Queue::Shared { .. } => next_shared(&inner, &owner).await,
         };
         let Some(claimed) = next else { break };
-        inner.note_queue_depth();
         let span = tracing::info_span!(
             "task",
             worker,
@@ -64,13 +63,11 @@ pub(super) async fn run(
     }
 }
 
-async fn next_local(inner: &Arc<Inner>, queue: &Mutex<mpsc::Receiver<Job>>) -> Option<Claimed> {
+async fn next_local(inner: &Arc<Inner>, queue: &super::LocalQueue) -> Option<Claimed> {
     loop {
-        let job = tokio::select! {
-            _ = inner.shutdown.cancelled() => return None,
-            job = async { queue.lock().await.recv().await } => job?,
-        };
-        if let Some(task) = inner.current(&job.task_id).await {
+        let task_id = queue.pop(&inner.shutdown).await?;
+        inner.queue_changed();
+        if let Some(task) = inner.current(&task_id).await {
             if !task.state.is_terminal() {
                 return Some(Claimed { task, owner: None });
             }
@@ -95,8 +92,24 @@ async fn next_shared(inner: &Arc<Inner>, owner: &str) -> Option<Claimed> {
         } else {
             Ok(None)
         };
+        if matches!(claimed, Ok(Some(_))) {
+            lifecycle::refresh_queue_depth(inner).await;
+        }
         match claimed {
             Ok(Some(task)) if task.state.is_terminal() => continue,
+            Ok(Some(task)) if task.cancel_requested => {
+                // Cancelled while it waited, or while an instance that since died ran it.
+                let claimed = Claimed {
+                    task,
+                    owner: Some(owner.to_owned()),
+                };
+                tracing::info!(
+                    task_id = claimed.task.id,
+                    "claimed a task whose cancellation waits; ending it"
+                );
+                finish(inner, &claimed, claimed.task.clone(), End::Cancelled).await;
+                continue;
+            }
             Ok(Some(task)) => {
                 let claimed = Claimed {
                     task,
@@ -113,7 +126,7 @@ async fn next_shared(inner: &Arc<Inner>, owner: &str) -> Option<Claimed> {
                     }
                     Ok(Acquire::HeldBy(other)) => {
                         let msg = format!("interrupted: file name taken over by task {other}");
-                        finish(inner, &claimed, claimed.task.clone(), Err(msg)).await;
+                        finish(inner, &claimed, claimed.task.clone(), End::Failure(msg)).await;
                         continue;
                     }
                     Err(e) => {
@@ -123,7 +136,6 @@ async fn next_shared(inner: &Arc<Inner>, owner: &str) -> Option<Claimed> {
                 }
             }
             Ok(None) => {
-                metrics::gauge!(crate::metrics::QUEUE_DEPTH).set(0.0);
                 tokio::select! {
                     _ = inner.shutdown.cancelled() => return None,
                     _ = woken => {}
@@ -153,9 +165,14 @@ async fn run_job(inner: &Arc<Inner>, claimed: Claimed) {
         state: TaskState::Started,
         started_at_ms: Some(now_ms()),
         tiles_done: 0,
+        queue_position: 0,
         ..claimed.task.clone()
     };
-    inner.go_live(&task);
+    let Some(user) = inner.begin(&task) else {
+        // Cancelled between leaving the queue and now: the cancellation ended it.
+        tracing::info!("task cancelled before it started");
+        return;
+    };
     // In shared mode the lease must outlive the work; losing it stops the work.
     let cancel = inner.shutdown.child_token();
     if let Some(owner) = owner {
@@ -164,11 +181,13 @@ async fn run_job(inner: &Arc<Inner>, claimed: Claimed) {
             task.id.clone(),
             owner.to_owned(),
             cancel.clone(),
+            user.clone(),
         ));
     }
     match inner.save(&task, owner).await {
-        Ok(true) => {}
-        Ok(false) => {
+        Ok(Lease::Held) => {}
+        Ok(Lease::CancelRequested) => user.cancel(),
+        Ok(Lease::Lost) => {
             tracing::warn!("lost the task before it started");
             cancel.cancel();
             inner.retire(&task.id);
@@ -179,11 +198,17 @@ async fn run_job(inner: &Arc<Inner>, claimed: Claimed) {
     let started = Instant::now();
     let running = metrics::gauge!(crate::metrics::RUNNING_TASKS);
     running.increment(1.0);
-    let outcome = execute(inner, &mut task, &claimed.owner, &cancel).await;
+    let mut outcome = execute(inner, &mut task, &claimed.owner, &cancel, &user).await;
     running.decrement(1.0);
+    // A cancellation that arrived during the last tile or the encoding still wins: nothing
+    // is stored.
+    if user.is_cancelled() && matches!(outcome, Outcome::Interrupted | Outcome::Done(..)) {
+        outcome = Outcome::Cancelled;
+    }
     let state = match &outcome {
         Outcome::Done(..) => "SUCCESS",
         Outcome::Failed(_) => "FAILURE",
+        Outcome::Cancelled => "CANCELLED",
         Outcome::Interrupted | Outcome::Requeue(_) => "INTERRUPTED",
     };
     metrics::histogram!(
@@ -207,7 +232,7 @@ async fn run_job(inner: &Arc<Inner>, claimed: Claimed) {
                     inner,
                     &claimed,
                     task,
-                    Err("the result could not be stored".into()),
+                    End::Failure("the result could not be stored".into()),
                 )
                 .await;
             }
@@ -220,12 +245,21 @@ async fn run_job(inner: &Arc<Inner>, claimed: Claimed) {
                 "task succeeded"
             );
             cancel.cancel();
-            finish(inner, &claimed, task, Ok(())).await;
+            finish(inner, &claimed, task, End::Success).await;
         }
         Outcome::Failed(msg) => {
             tracing::warn!(error = msg, "task failed");
             cancel.cancel();
-            finish(inner, &claimed, task, Err(msg)).await;
+            finish(inner, &claimed, task, End::Failure(msg)).await;
+        }
+        Outcome::Cancelled => {
+            tracing::info!(
+                tiles_done = task.tiles_done,
+                tiles_total = task.tiles_total,
+                "task cancelled"
+            );
+            cancel.cancel();
+            finish(inner, &claimed, task, End::Cancelled).await;
         }
         Outcome::Requeue(msg) => {
             tracing::warn!(error = msg, "cannot run the task now; back to the queue");
@@ -283,29 +317,40 @@ async fn give_back(inner: &Arc<Inner>, claimed: &Claimed, task: &TaskRecord) {
 const FINISH_RETRY: Duration = Duration::from_millis(500);
 const FINISH_ATTEMPTS: u32 = 60;
 
-/// Ends a task: records the terminal state, then frees the name and the source.
-async fn finish(
-    inner: &Arc<Inner>,
-    claimed: &Claimed,
-    mut task: TaskRecord,
-    result: Result<(), String>,
-) {
+/// How a task ends.
+pub(super) enum End {
+    Success,
+    Failure(String),
+    Cancelled,
+}
+
+/// The record of a task ended now as `end`.
+pub(super) fn ended(inner: &Inner, mut task: TaskRecord, end: End) -> TaskRecord {
     let now = now_ms();
     task.finished_at_ms = Some(now);
     task.expires_at_ms = Some(now + inner.settings.task_ttl().as_millis() as i64);
-    match result {
-        Ok(()) => task.state = TaskState::Success,
-        Err(msg) => {
+    task.queue_position = 0;
+    task.cancel_requested = false;
+    match end {
+        End::Success => task.state = TaskState::Success,
+        End::Failure(msg) => {
             task.state = TaskState::Failure;
             task.error = Some(msg);
         }
+        End::Cancelled => task.state = TaskState::Cancelled,
     }
+    task
+}
+
+/// Ends a task: records the terminal state, then frees the name and the source.
+async fn finish(inner: &Arc<Inner>, claimed: &Claimed, task: TaskRecord, end: End) {
+    let task = ended(inner, task, end);
     let owner = claimed.owner.as_deref();
     let mut attempt = 0;
     loop {
         match inner.save(&task, owner).await {
-            Ok(true) => break,
-            Ok(false) => {
+            Ok(Lease::Held | Lease::CancelRequested) => break,
+            Ok(Lease::Lost) => {
                 tracing::warn!("another instance took the task over; not recording its end");
                 inner.retire(&task.id);
                 return;
@@ -340,6 +385,7 @@ async fn execute(
     task: &mut TaskRecord,
     owner: &Option<String>,
     cancel: &CancellationToken,
+    user: &CancellationToken,
 ) -> Outcome {
     let model = match inner.models.get(&task.options.model).await {
         Ok(m) => m,
@@ -364,20 +410,24 @@ async fn execute(
         Err(e) => return Outcome::Failed(format!("source unreadable: {e}")),
     };
     let format = task.options.format.output();
-    let stop = cancel.clone();
+    let (stop, cancelled) = (cancel.clone(), user.clone());
     let (tx, mut rx) = mpsc::unbounded_channel::<Progress>();
     let blocking = tokio::task::spawn_blocking(move || {
         let img = imaging::decode(&bytes, opts.max_pixels)?;
         drop(bytes);
-        let out = pipeline::enhance(&model, &img, &opts, &mut |p| {
+        // Asked between tiles and, on the fast path, between the layers of a tile: a
+        // large x4plus tile takes many seconds.
+        let stopped = || stop.is_cancelled() || cancelled.is_cancelled();
+        let on_progress = &mut |p| {
             // A closed channel only means nobody listens any more; keep going.
             let _ = tx.send(p);
-            if stop.is_cancelled() {
+            if stopped() {
                 ControlFlow::Break(())
             } else {
                 ControlFlow::Continue(())
             }
-        })?;
+        };
+        let out = pipeline::enhance_until(&model, &img, &opts, on_progress, &stopped)?;
         let encoded = imaging::encode(&out, format)?;
         Ok::<_, PipelineError>((encoded, out.width(), out.height()))
     });
@@ -393,9 +443,10 @@ async fn execute(
         if last_persist.elapsed() >= PERSIST_EVERY {
             last_persist = Instant::now();
             match inner.save(task, owner).await {
-                Ok(true) => {}
-                // Another instance took the task over: stop at the next tile.
-                Ok(false) => cancel.cancel(),
+                Ok(Lease::Held) => {}
+                Ok(Lease::CancelRequested) => user.cancel(),
+                // Another instance took the task over: stop now.
+                Ok(Lease::Lost) => cancel.cancel(),
                 Err(e) => tracing::warn!(error = %e, "cannot persist progress"),
             }
         } else {

@@ -13,6 +13,7 @@ impl TryFrom<pb::UploadMetadata> for UploadMeta {
         let format = match pb::OutputFormat::try_from(m.output_format) {
             Ok(pb::OutputFormat::Unspecified | pb::OutputFormat::Png) => ResultFormat::Png,
             Ok(pb::OutputFormat::Jpeg) => ResultFormat::Jpeg,
+            Ok(pb::OutputFormat::Webp) => ResultFormat::Webp,
             Err(_) => {
                 return Err(Status::invalid_argument(format!(
                     "unknown output_format {}",
@@ -67,6 +68,7 @@ impl From<TaskRecord> for pb::Task {
             TaskState::Started => pb::TaskState::Started,
             TaskState::Success => pb::TaskState::Success,
             TaskState::Failure => pb::TaskState::Failure,
+            TaskState::Cancelled => pb::TaskState::Cancelled,
         };
         Self {
             task_id: t.id,
@@ -83,6 +85,8 @@ impl From<TaskRecord> for pb::Task {
             created_at: Some(timestamp(t.created_at_ms)),
             started_at: t.started_at_ms.map(timestamp),
             finished_at: t.finished_at_ms.map(timestamp),
+            queue_position: t.queue_position,
+            cancel_requested: t.cancel_requested && !t.state.is_terminal(),
         }
     }
 }

@@ -85,6 +85,37 @@ impl pb::upscaler_server::Upscaler for UpscalerApi {
         })
         .await
     }
+
+    async fn cancel_task(
+        &self,
+        request: Request<pb::CancelTaskRequest>,
+    ) -> Result<Response<pb::Task>, Status> {
+        metrics::observe("CancelTask", async {
+            let id = convert::task_id(&request.get_ref().task_id)?;
+            let task = self.core()?.cancel(id).await.map_err(status::from_core)?;
+            Ok(Response::new(task.into()))
+        })
+        .await
+    }
+
+    async fn delete_processed(
+        &self,
+        request: Request<pb::DeleteProcessedRequest>,
+    ) -> Result<Response<pb::DeleteProcessedResponse>, Status> {
+        metrics::observe("DeleteProcessed", async {
+            let name = &request.get_ref().file_name;
+            let meta = self
+                .core()?
+                .delete_result(name)
+                .await
+                .map_err(status::from_core)?;
+            Ok(Response::new(pb::DeleteProcessedResponse {
+                file_name: meta.file_name,
+                size: meta.size,
+            }))
+        })
+        .await
+    }
 }
 
 /// The handlers themselves; the trait methods above only add metrics.

@@ -10,6 +10,7 @@ pub fn from_core(e: Error) -> Status {
         Error::InvalidArgument(m) => Status::invalid_argument(m),
         Error::NotFound(m) => Status::not_found(m),
         Error::AlreadyExists(m) => Status::already_exists(m),
+        Error::FailedPrecondition(m) => Status::failed_precondition(m),
         Error::TooLarge(m) => Status::resource_exhausted(m),
         e @ Error::QueueFull(_) => Status::resource_exhausted(e.to_string()),
         Error::Unavailable(m) => Status::unavailable(m),

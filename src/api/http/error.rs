@@ -70,6 +70,7 @@ impl From<Error> for ApiError {
             Error::InvalidArgument(m) => Self::new(S::BAD_REQUEST, "invalid_argument", m),
             Error::NotFound(m) => Self::new(S::NOT_FOUND, "not_found", m),
             Error::AlreadyExists(m) => Self::new(S::CONFLICT, "already_exists", m),
+            Error::FailedPrecondition(m) => Self::new(S::CONFLICT, "failed_precondition", m),
             Error::TooLarge(m) => Self::new(S::PAYLOAD_TOO_LARGE, "too_large", m),
             e @ Error::QueueFull(_) => Self::new(S::TOO_MANY_REQUESTS, "queue_full", e.to_string())
                 .retry_after(RETRY_QUEUE_FULL),
@@ -133,6 +134,12 @@ mod tests {
             (Error::InvalidArgument(m()), 400, "invalid_argument", None),
             (Error::NotFound(m()), 404, "not_found", None),
             (Error::AlreadyExists(m()), 409, "already_exists", None),
+            (
+                Error::FailedPrecondition(m()),
+                409,
+                "failed_precondition",
+                None,
+            ),
             (Error::TooLarge(m()), 413, "too_large", None),
             (
                 Error::QueueFull(3),

@@ -80,6 +80,12 @@ pub struct Task {
     pub file_name: String,
     pub model: String,
     pub progress: Progress,
+    /// For a PENDING task, its place in the queue (1 = next).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub queue_position: Option<u32>,
+    /// A cancellation was asked for and the task has not stopped yet.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub cancel_requested: bool,
     pub input: Size,
     /// Known once the task succeeded.
     pub output: Option<Size>,
@@ -99,6 +105,8 @@ impl From<TaskRecord> for Task {
             state: t.state,
             status: t.state,
             model: t.options.model,
+            queue_position: (t.queue_position > 0).then_some(t.queue_position),
+            cancel_requested: t.cancel_requested && !t.state.is_terminal(),
             progress: Progress {
                 done: t.tiles_done,
                 total: t.tiles_total,

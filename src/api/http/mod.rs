@@ -1,6 +1,7 @@
 //! The HTTP routes, on the gRPC port: the Flask service's API kept for its clients
-//! (`POST /upscale`, `GET /tasks/{id}`, `GET /processed/{name}`), task events as Server-Sent
-//! Events, the model list, and the built-in page. Handlers only convert: they call the same
+//! (`POST /upscale`, `GET /tasks/{id}`, `GET /processed/{name}`), cancelling a task
+//! (`DELETE /tasks/{id}`) and deleting a result (`DELETE /processed/{name}`), task events as
+//! Server-Sent Events, the model list, and the built-in page. Handlers only convert: they call the same
 //! `TaskService` as gRPC, and core errors become answers in one place (`error`).
 //!
 //! `AUTH_TOKEN` guards every route but the page's own files, as it guards every RPC but
@@ -42,10 +43,13 @@ pub(super) fn router(core: Core, settings: &Settings) -> Router {
     };
     let guarded = Router::new()
         .route("/upscale", post(upload::upscale))
-        .route("/tasks/{id}", get(tasks::task))
+        .route("/tasks/{id}", get(tasks::task).delete(tasks::cancel))
         .route("/tasks/{id}/events", get(tasks::events))
         // `get` answers HEAD too; the handler then sends no body.
-        .route("/processed/{name}", get(processed::processed))
+        .route(
+            "/processed/{name}",
+            get(processed::processed).delete(processed::delete),
+        )
         .route("/models", get(models))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     let open = Router::new()

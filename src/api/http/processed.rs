@@ -43,6 +43,20 @@ pub(super) async fn processed(
     Ok(answer(StatusCode::OK, &meta, body, true))
 }
 
+/// `DELETE /processed/{file_name}`: deletes the result and frees the name (as
+/// `DeleteProcessed`).
+pub(super) async fn delete(
+    State(state): State<HttpState>,
+    Param(name): Param,
+) -> Result<axum::Json<serde_json::Value>, ApiError> {
+    let meta = state.core.get()?.delete_result(&name).await?;
+    Ok(axum::Json(serde_json::json!({
+        "file_name": meta.file_name,
+        "deleted": true,
+        "size": meta.size,
+    })))
+}
+
 fn etag(meta: &ResultMeta) -> String {
     format!("\"{}\"", meta.sha256)
 }

@@ -26,6 +26,15 @@ pub(super) async fn task(
     Ok(Json(task.into()))
 }
 
+/// `DELETE /tasks/{id}`: cancels the task (as `CancelTask`); answers its state after.
+pub(super) async fn cancel(
+    State(state): State<HttpState>,
+    Param(id): Param,
+) -> Result<Json<json::Task>, ApiError> {
+    let task = state.core.get()?.cancel(&id).await?;
+    Ok(Json(task.into()))
+}
+
 /// One `task` event per change, the current state first; the stream ends after a terminal
 /// state, or when the server shuts down.
 pub(super) async fn events(

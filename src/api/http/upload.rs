@@ -235,9 +235,10 @@ impl FormOptions {
         {
             None | Some("png") => ResultFormat::Png,
             Some("jpeg" | "jpg") => ResultFormat::Jpeg,
+            Some("webp") => ResultFormat::Webp,
             Some(other) => {
                 return Err(Error::InvalidArgument(format!(
-                    "format `{other}` must be png or jpeg"
+                    "format `{other}` must be png, jpeg or webp"
                 )))
             }
         };
