@@ -20,8 +20,7 @@
 //! shrunk to a minimal input, which the panic message prints; its seed is saved in
 //! `tests/upload_fuzz.proptest-regressions` and replayed first on every later run, so commit
 //! that file. A confirmed bug also gets a plain `#[test]` with its minimal input at the end
-//! of this file, ignored until fixed, and a narrow, named exception in the property
-//! (`known_*_bug`) so the property keeps checking everything else meanwhile.
+//! of this file, fixed together with the bug: the properties carry no exceptions.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
@@ -645,14 +644,6 @@ fn forged() -> impl Strategy<Value = Forged> {
     ]
 }
 
-/// KNOWN BUG (see `regression_probe_png_with_huge_row_is_too_large`): `probe` reports a PNG
-/// header whose single decoded row would exceed 512 MiB as undecodable ("Memory limit
-/// exceeded") instead of too large. Tolerated here so the property keeps checking
-/// everything else; delete this exception with the fix.
-fn known_png_memory_limit_bug(probed: &Result<imaging::ImageInfo, ImagingError>) -> bool {
-    matches!(probed, Err(ImagingError::Decode(m)) if m.contains("Memory limit exceeded"))
-}
-
 /// Headers that claim any size, up to billions of pixels: refused from the header alone,
 /// and as too large (not as undecodable) when the header is well-formed.
 #[test]
@@ -674,7 +665,7 @@ fn image_functions_on_forged_headers() {
                 "probe accepted {width}x{height}: {probed:?}"
             );
         }
-        if well_formed && claimed > SMALL_MAX_PIXELS && !known_png_memory_limit_bug(&probed) {
+        if well_formed && claimed > SMALL_MAX_PIXELS {
             prop_assert!(
                 matches!(probed, Err(ImagingError::TooLarge { .. })),
                 "a well-formed {width}x{height} header: {probed:?}"
@@ -1024,6 +1015,21 @@ fn split(bytes: &[u8], cuts: &[Index]) -> Vec<Vec<u8>> {
     chunks
 }
 
+/// Whether `meta.outscale` leaves a `width` x `height` image without a pixel on a side
+/// (the service's rule, restated: truncation, as Real-ESRGAN's `int(w * outscale)`, unless
+/// the outscale is the model's own scale).
+fn empties_output(meta: &UploadMeta, width: u32, height: u32) -> bool {
+    let model = if meta.model.is_empty() {
+        CHEAP_MODEL
+    } else {
+        &meta.model
+    };
+    let (Some(s), Ok(spec)) = (meta.outscale, upscaler::model::find(model)) else {
+        return false;
+    };
+    s != spec.scale() as f64 && ((width as f64 * s) as u32 == 0 || (height as f64 * s) as u32 == 0)
+}
+
 /// One service on the embedded backends, for a whole run of a property.
 struct Fixture {
     rt: tokio::runtime::Runtime,
@@ -1130,6 +1136,7 @@ impl Fixture {
                 && spec.pixel_count() <= SERVICE_MAX_PIXELS
                 && body.len() as u64 <= SERVICE_MAX_UPLOAD_BYTES
                 && !(spec.has_alpha() && meta.format == ResultFormat::Jpeg)
+                && !empties_output(meta, spec.width, spec.height)
         });
 
         let locks = self.service.locks();
@@ -1362,22 +1369,12 @@ impl Fixture {
         });
         let left = self.temp_files("");
         assert!(left.is_empty(), "temp files left after the run: {left:?}");
-        for msg in &failures {
-            assert!(
-                known_empty_output_bug(msg),
-                "an accepted upload failed in the worker: {msg}"
-            );
-        }
+        assert!(
+            failures.is_empty(),
+            "accepted uploads failed in the worker: {failures:?}"
+        );
         (succeeded, failures.into_iter().collect())
     }
-}
-
-/// KNOWN BUG (see `regression_upload_refuses_outscale_that_empties_the_image`): an upload
-/// whose outscale makes the output empty (below one pixel on a side) is queued, and its task
-/// then fails. Tolerated at the end of `upload_path`; delete this exception with the fix.
-fn known_empty_output_bug(task_error: &str) -> bool {
-    task_error.starts_with("upscaling failed: invalid option: outscale")
-        && task_error.ends_with("image empty")
 }
 
 #[test]
@@ -1409,20 +1406,15 @@ fn upload_path() {
 // Regressions: minimal inputs of bugs the properties found, as plain tests.
 // ---------------------------------------------------------------------------------------
 //
-// Each is `#[ignore]`d while the bug is open, so the suite stays green; the fix should
-// remove the `ignore` (and any exception in the properties that names the test).
+// Each was found by a property above and fixed; the test keeps it fixed.
 
 /// A well-formed PNG header whose one row would take more than 512 MiB decoded (here
 /// 178956971 x 1 RGB8: 3 bytes a pixel, one byte over 512 MiB; the shrunk input of
-/// `image_functions_on_forged_headers`) is reported by `imaging::probe` as
-/// `Decode("Memory limit exceeded")`, not `TooLarge`. One byte narrower, it is `TooLarge`.
-///
-/// `probe` (`src/imaging/mod.rs`) reads the dimensions through
-/// `ImageReader::into_dimensions` with the image crate's default `Limits` (`max_alloc`
-/// 512 MiB), and the PNG decoder refuses to even read such a header under that limit.
-/// Reading the header without limits (the pixel limit is checked right after) would fix it.
+/// `image_functions_on_forged_headers`) was reported by `imaging::probe` as
+/// `Decode("Memory limit exceeded")`, not `TooLarge`: the PNG decoder refused to read such
+/// a header under the image crate's default memory limit. `probe` now reads headers
+/// without it (the pixel limit is checked right after).
 #[test]
-#[ignore = "bug: probe reports a PNG with a row over 512 MiB as undecodable, not too large"]
 fn regression_probe_png_with_huge_row_is_too_large() {
     let bytes = forged_png(178_956_971, 1, 8, 2, &[0]);
     let probed = imaging::probe(&bytes, imaging::DEFAULT_MAX_PIXELS);
@@ -1439,13 +1431,11 @@ fn regression_probe_png_with_huge_row_is_too_large() {
     );
 }
 
-/// The same bug seen by a client: the upload is refused as INVALID_ARGUMENT "cannot decode
-/// image: Memory limit exceeded" instead of RESOURCE_EXHAUSTED with the image's size, and
-/// only at the end of the stream: `check_header` (`src/tasks/upload.rs`) takes a `Decode`
-/// error for an incomplete header and waits for more bytes (up to 1 MiB, or the end of the
-/// upload) instead of refusing at once.
+/// The same bug seen by a client: the upload was refused as INVALID_ARGUMENT "cannot
+/// decode image: Memory limit exceeded" instead of RESOURCE_EXHAUSTED with the image's
+/// size, and only at the end of the stream. It is now TooLarge from the header, before the
+/// rest of the bytes (a second chunk that would break the stream is never read).
 #[test]
-#[ignore = "bug: an upload of a PNG with a row over 512 MiB is refused as InvalidArgument"]
 fn regression_upload_png_with_huge_row_is_too_large() {
     let fixture = Fixture::start();
     let meta = UploadMeta {
@@ -1457,26 +1447,28 @@ fn regression_upload_png_with_huge_row_is_too_large() {
         overwrite: false,
     };
     let bytes = forged_png(178_956_971, 1, 8, 2, &[0]);
+    let chunks = [
+        Ok(bytes),
+        Err(Error::Aborted("read past the header".into())),
+    ];
     let result = fixture.rt.block_on(
         fixture
             .service
-            .upload(meta, futures::stream::iter([Ok(bytes)]).boxed()),
+            .upload(meta, futures::stream::iter(chunks).boxed()),
     );
-    assert!(matches!(result, Err(Error::TooLarge(_))), "{result:?}");
+    assert!(
+        matches!(&result, Err(Error::TooLarge(m)) if m.contains("178956971x1")),
+        "{result:?}"
+    );
     fixture.drain();
 }
 
-/// An outscale that makes the output empty is accepted: a 1 x 1 PNG with outscale 0.5 is
-/// QUEUED, and the task then ends in FAILURE with "outscale 0.5 makes a 1x1 image empty".
+/// An outscale that makes the output empty was accepted: a 1 x 1 PNG with outscale 0.5 was
+/// QUEUED, and the task then ended in FAILURE with "outscale 0.5 makes a 1x1 image empty".
 /// Seen in `upload_path` with tiny outscales (f64::MIN_POSITIVE) and with ordinary ones on
-/// one-pixel-high images (0.63 on 32 x 1).
-///
-/// `job_options` (`src/tasks/upload.rs`) only checks that outscale is in (0, 16]; the check
-/// that the output has at least one pixel on each side happens in the worker
-/// (`EnhanceOptions::output_size`, `src/pipeline.rs`), although the upload knows the
-/// dimensions once the bytes are received (`admit` already plans the tiles with them).
+/// one-pixel-high images (0.63 on 32 x 1). `admit` now checks the output size, once the
+/// dimensions are known, and refuses with nothing left behind.
 #[test]
-#[ignore = "bug: an upload whose outscale makes the output empty is queued, then fails"]
 fn regression_upload_refuses_outscale_that_empties_the_image() {
     let fixture = Fixture::start();
     let spec = ImageSpec {

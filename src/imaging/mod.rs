@@ -81,9 +81,7 @@ fn probe_from<R: BufRead + Seek>(
     max_pixels: u64,
 ) -> Result<ImageInfo, ImagingError> {
     let format = sniff_from(input)?;
-    let (width, height) = ImageReader::with_format(&mut *input, format)
-        .into_dimensions()
-        .map_err(ImagingError::decode)?;
+    let (width, height) = header_dimensions(input, format)?;
     input.rewind().map_err(ImagingError::decode)?;
     if width == 0 || height == 0 {
         return Err(ImagingError::Empty);
@@ -102,6 +100,34 @@ fn probe_from<R: BufRead + Seek>(
     })
 }
 
+/// The dimensions a header claims, read so that a large image is never mistaken for a
+/// broken one.
+fn header_dimensions<R: BufRead + Seek>(
+    input: &mut R,
+    format: ImageFormat,
+) -> Result<(u32, u32), ImagingError> {
+    if format == ImageFormat::Png {
+        // The IHDR chunk alone. The image crate's PNG decoder reads on to the first IDAT
+        // and reserves a row buffer under its memory limit first, so a header whose one row
+        // is over the limit would be refused as "memory limit exceeded" rather than by its
+        // size; the chunks after IHDR are read when the image is decoded.
+        let mut decoder = png::Decoder::new(&mut *input);
+        let info = decoder.read_header_info().map_err(ImagingError::decode)?;
+        return Ok((info.width, info.height));
+    }
+    ImageReader::with_format(&mut *input, format)
+        .into_dimensions()
+        .map_err(ImagingError::decode)
+}
+
+/// Room for the largest supported layout (RGBA, 16 bits) of `max_pixels`, plus decoder
+/// scratch.
+fn memory_limits(max_pixels: u64) -> Limits {
+    let mut limits = Limits::default();
+    limits.max_alloc = Some(max_pixels.saturating_mul(8).saturating_add(64 << 20));
+    limits
+}
+
 /// Decodes an image, refusing it from its header when it is over `max_pixels`, and applies
 /// its EXIF orientation.
 pub fn decode(bytes: &[u8], max_pixels: u64) -> Result<DynamicImage, ImagingError> {
@@ -115,11 +141,9 @@ pub fn decode_from<R: BufRead + Seek>(
 ) -> Result<DynamicImage, ImagingError> {
     let info = probe_from(&mut input, max_pixels)?;
     let mut reader = ImageReader::with_format(input, info.format);
-    let mut limits = Limits::default();
+    let mut limits = memory_limits(max_pixels);
     limits.max_image_width = Some(info.width);
     limits.max_image_height = Some(info.height);
-    // Room for the largest supported layout (RGBA, 16 bits) plus decoder scratch.
-    limits.max_alloc = Some(max_pixels.saturating_mul(8).saturating_add(64 << 20));
     reader.limits(limits);
     let mut decoder = reader.into_decoder().map_err(ImagingError::decode)?;
     let orientation = decoder.orientation().map_err(ImagingError::decode)?;
