@@ -174,11 +174,34 @@ async fn exit_codes(place: Place) {
     assert!(one_line(&o).contains("could not be loaded"));
     server.stop().await;
 
-    // Nothing listens there any more.
+    // Nothing listens there any more: the client waits --wait-ready seconds for a server,
+    // saying so, then gives up.
     let input = write_png(dir.path(), "late.png", 8, 8);
-    let o = upscaler(&addr, &["upload", input.to_str().unwrap()]).await;
+    let began = std::time::Instant::now();
+    let o = upscaler(
+        &addr,
+        &["upload", input.to_str().unwrap(), "--wait-ready", "2"],
+    )
+    .await;
+    let waited = began.elapsed();
     assert_eq!(o.status.code(), Some(3), "{:?}", text(&o));
-    assert!(one_line(&o).contains("cannot connect"));
+    let line = one_line(&o);
+    assert!(
+        line.contains("cannot connect") && line.contains("after 2s"),
+        "{line}"
+    );
+    assert!(text(&o)
+        .1
+        .contains("waiting for the server to become ready"));
+    assert!(
+        waited >= std::time::Duration::from_millis(1500)
+            && waited < std::time::Duration::from_secs(15),
+        "gave up after {waited:?}"
+    );
+    // --wait-ready 0: one try.
+    let o = upscaler(&addr, &["status", "some-task", "--wait-ready", "0"]).await;
+    assert_eq!(o.status.code(), Some(3), "{:?}", text(&o));
+    assert!(!text(&o).1.contains("waiting for the server"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -268,7 +291,12 @@ async fn tls_with_a_private_ca() {
     assert_eq!(json(&o)["width"], 32);
 
     // Plaintext gets nowhere (the HTTP/2 connection breaks; how it is reported varies).
-    let o = upscaler(&format!("http://127.0.0.1:{port}"), &["status", "x"]).await;
+    // A broken transport may be a server still starting, so tell the client not to wait.
+    let o = upscaler(
+        &format!("http://127.0.0.1:{port}"),
+        &["status", "x", "--wait-ready", "0"],
+    )
+    .await;
     let (_, err) = text(&o);
     assert!(!o.status.success(), "{err}");
     assert!(
@@ -279,5 +307,196 @@ async fn tls_with_a_private_ca() {
         !err.contains("NotFound"),
         "the call never reached the service: {err}"
     );
+    server.stop().await;
+}
+
+/// `upload --wait` started as a child process whose stderr lines arrive on a channel.
+struct Waiting {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    task_id: String,
+}
+
+impl Waiting {
+    /// Starts it and waits until it follows its task ("QUEUED <name> task <id>").
+    fn start(addr: &str, args: &[&str]) -> Self {
+        use std::io::BufRead;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_upscaler"))
+            .args(args)
+            .env("UPSCALER_ADDR", addr)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let line = lines
+            .recv_timeout(srv::wait_limit())
+            .expect("upload --wait says which task it follows");
+        let task_id = line
+            .rsplit_once(" task ")
+            .unwrap_or_else(|| panic!("no task id in {line:?}"))
+            .1
+            .to_string();
+        // Its Ctrl-C handler is set up as it starts following.
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        Self {
+            child,
+            lines,
+            task_id,
+        }
+    }
+
+    fn interrupt(&self) {
+        let ok = Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+    }
+
+    /// Types `text` on its stdin (read when it asks).
+    fn answer(&mut self, text: &str) {
+        use std::io::Write;
+        let stdin = self.child.stdin.as_mut().unwrap();
+        stdin.write_all(text.as_bytes()).unwrap();
+        stdin.flush().unwrap();
+    }
+
+    /// The exit code and the rest of stderr.
+    fn finish(mut self) -> (Option<i32>, String) {
+        let status = self.child.wait().unwrap();
+        let rest: Vec<String> = self.lines.iter().collect();
+        (status.code(), rest.join("\n"))
+    }
+}
+
+async fn task_state(c: &mut srv::Client, id: &str) -> i32 {
+    c.get_task(upscaler::api::pb::GetTaskRequest { task_id: id.into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .state
+}
+
+/// Ctrl-C during `upload --wait` asks whether to cancel the task on the server: "n" leaves
+/// it running, "y" cancels it, and `--cancel-on-interrupt` cancels without asking; the
+/// command exits 130. Then `cancel` and `delete` as commands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interrupt_cancel_and_delete() {
+    use upscaler::api::pb::TaskState;
+    let place = Place::new(Backend::Embedded);
+    let server = Server::start(&place).await;
+    let addr = format!("http://{}", server.addr);
+    let mut c = server.client.clone();
+    let dir = tempfile::tempdir().unwrap();
+    let slow = write_png(dir.path(), "slow.png", 128, 128);
+    let slow = slow.to_str().unwrap().to_string();
+    let waiting = write_png(dir.path(), "waiting.png", 8, 8);
+    let waiting = waiting.to_str().unwrap().to_string();
+    let other = write_png(dir.path(), "other.png", 8, 6);
+    let other = other.to_str().unwrap().to_string();
+
+    // "n": the task goes on.
+    let (a, s) = (addr.clone(), slow.clone());
+    let mut run = tokio::task::spawn_blocking(move || {
+        Waiting::start(
+            &a,
+            &["upload", &s, "--model", "realesrgan-x4plus", "--wait"],
+        )
+    })
+    .await
+    .unwrap();
+    let running = run.task_id.clone();
+    run.interrupt();
+    run.answer("n\n");
+    let run = tokio::task::spawn_blocking(move || run.finish())
+        .await
+        .unwrap();
+    assert_eq!(run.0, Some(130), "{}", run.1);
+    assert!(run.1.contains("on the server? [y/N]"), "{}", run.1);
+    assert!(run.1.contains("goes on on the server"), "{}", run.1);
+    let state = task_state(&mut c, &running).await;
+    assert!(
+        state == TaskState::Started as i32 || state == TaskState::Pending as i32,
+        "{state}"
+    );
+
+    // "y", on a task waiting behind it: cancelled on the server.
+    let (a, w) = (addr.clone(), waiting.clone());
+    let mut run =
+        tokio::task::spawn_blocking(move || Waiting::start(&a, &["upload", &w, "--wait"]))
+            .await
+            .unwrap();
+    let queued = run.task_id.clone();
+    run.interrupt();
+    run.answer("y\n");
+    let run = tokio::task::spawn_blocking(move || run.finish())
+        .await
+        .unwrap();
+    assert_eq!(run.0, Some(130), "{}", run.1);
+    assert!(run.1.contains("is CANCELLED"), "{}", run.1);
+    assert_eq!(
+        task_state(&mut c, &queued).await,
+        TaskState::Cancelled as i32
+    );
+
+    // --cancel-on-interrupt: no question.
+    let (a, o) = (addr.clone(), other.clone());
+    let run = tokio::task::spawn_blocking(move || {
+        Waiting::start(&a, &["upload", &o, "--wait", "--cancel-on-interrupt"])
+    })
+    .await
+    .unwrap();
+    let third = run.task_id.clone();
+    run.interrupt();
+    let run = tokio::task::spawn_blocking(move || run.finish())
+        .await
+        .unwrap();
+    assert_eq!(run.0, Some(130), "{}", run.1);
+    assert!(
+        !run.1.contains("[y/N]") && run.1.contains("is CANCELLED"),
+        "{}",
+        run.1
+    );
+    assert_eq!(
+        task_state(&mut c, &third).await,
+        TaskState::Cancelled as i32
+    );
+
+    // `cancel` stops the running task; a second time it has ended.
+    let o = upscaler(&addr, &["cancel", &running, "--json"]).await;
+    assert!(o.status.success(), "{:?}", text(&o));
+    assert_eq!(json(&o)["state"], "CANCELLED");
+    let o = upscaler(&addr, &["cancel", &running]).await;
+    assert_eq!(o.status.code(), Some(2), "{:?}", text(&o));
+    assert!(text(&o).1.contains("FailedPrecondition"), "{:?}", text(&o));
+
+    // `delete` removes a stored result; a second time there is none.
+    let o = upscaler(&addr, &["upload", &other, "--wait", "--format", "webp"]).await;
+    assert!(o.status.success(), "{:?}", text(&o));
+    let webp = dir.path().join("other_x4.webp");
+    let size = std::fs::metadata(&webp).unwrap().len();
+    let img = image::open(&webp).unwrap();
+    assert_eq!((img.width(), img.height()), (32, 24));
+    let o = upscaler(&addr, &["delete", "other.png"]).await;
+    assert!(o.status.success(), "{:?}", text(&o));
+    assert_eq!(
+        text(&o).0.trim(),
+        format!("DELETED other.png ({size} bytes)")
+    );
+    let o = upscaler(&addr, &["delete", "other.png", "--json"]).await;
+    assert_eq!(o.status.code(), Some(2), "{:?}", text(&o));
+    assert!(text(&o).1.contains("NotFound"), "{:?}", text(&o));
     server.stop().await;
 }

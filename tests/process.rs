@@ -56,21 +56,6 @@ fn slow_upload() -> (pb::UploadMetadata, Vec<u8>) {
     )
 }
 
-async fn wait_started(c: &mut srv::Client, id: &str) {
-    for _ in 0..600 {
-        let t = c
-            .get_task(pb::GetTaskRequest { task_id: id.into() })
-            .await
-            .unwrap()
-            .into_inner();
-        if srv::state(&t) == pb::TaskState::Started && t.tiles_done >= 1 {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("task never started");
-}
-
 fn signal(child: &Child, sig: &str) {
     let ok = Command::new("kill")
         .arg(sig)
@@ -89,7 +74,7 @@ async fn sigterm_exits_cleanly_and_the_next_start_finishes_the_task() {
     let mut c = connect(port).await;
     let (meta, bytes) = slow_upload();
     let r = srv::upload(&mut c, meta, &bytes).await.unwrap();
-    wait_started(&mut c, &r.task_id).await;
+    srv::wait_running(&mut c, &r.task_id).await;
     signal(&child, "-TERM");
     let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
         .await
@@ -117,7 +102,7 @@ async fn a_killed_instances_task_is_finished_by_another() {
     let mut c = connect(port).await;
     let (meta, bytes) = slow_upload();
     let first = srv::upload(&mut c, meta.clone(), &bytes).await.unwrap();
-    wait_started(&mut c, &first.task_id).await;
+    srv::wait_running(&mut c, &first.task_id).await;
     signal(&child, "-KILL");
     tokio::task::spawn_blocking(move || child.wait().unwrap())
         .await
@@ -324,4 +309,42 @@ async fn sighup_picks_up_a_model_dropped_in_the_models_folder() {
         .await
         .unwrap();
     assert_eq!(status.code(), Some(0));
+}
+
+/// `upscaler upload --wait` started before the server (nothing listening yet, then a server
+/// still loading its model) rides it out: it says on stderr that it waits, then uploads,
+/// follows the task and downloads the result as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_started_before_the_server_waits_for_it() {
+    let place = Place::new(Backend::Embedded);
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("early.png");
+    std::fs::write(&input, srv::png(12, 8, 5)).unwrap();
+    let client = Command::new(env!("CARGO_BIN_EXE_upscaler"))
+        .arg("upload")
+        .arg(&input)
+        .args(["--wait", "--json", "--wait-ready", "120"])
+        .env("UPSCALER_ADDR", format!("http://127.0.0.1:{port}"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut server = spawn_server(&place, port, &[]);
+    let out = tokio::task::spawn_blocking(move || client.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    signal(&server, "-TERM");
+    tokio::task::spawn_blocking(move || server.wait().unwrap())
+        .await
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("waiting for the server to become ready"),
+        "{err}"
+    );
+    let img = image::open(dir.path().join("early_x4.png")).unwrap();
+    assert_eq!((img.width(), img.height()), (48, 32));
 }

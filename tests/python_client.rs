@@ -29,19 +29,24 @@ async fn python_client_on_real_backends() {
     }
 }
 
-/// Stubs (generated once per test binary), then upload, watch and fetch; the same file
+/// The Python stubs, generated once per test binary.
+async fn stubs(py: &str) {
+    static STUBS: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
+    STUBS
+        .get_or_init(|| async {
+            let o = run(py, vec!["gen_stubs.py".into()]).await;
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        })
+        .await;
+}
+
+/// Stubs, then upload, watch and fetch; the same file
 /// again; a refused upload.
 async fn session(place: Place) {
     let Some(py) = common::python("python_client", "a Python with grpcio and grpcio-tools") else {
         return;
     };
-    static STUBS: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
-    STUBS
-        .get_or_init(|| async {
-            let o = run(&py, vec!["gen_stubs.py".into()]).await;
-            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        })
-        .await;
+    stubs(&py).await;
     let server = Server::start(&place).await;
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("py.png");
@@ -87,5 +92,51 @@ async fn session(place: Place) {
         err.contains("INVALID_ARGUMENT") && !err.contains("Traceback"),
         "{err}"
     );
+    server.stop().await;
+}
+
+/// Started before the server listens, the client retries UNAVAILABLE (saying so once on
+/// stderr) until the server is up, then goes on as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_client_waits_for_the_server() {
+    let Some(py) = common::python("python_client", "a Python with grpcio and grpcio-tools") else {
+        return;
+    };
+    stubs(&py).await;
+    let place = Place::new(Backend::Embedded);
+    let port = srv::free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("early.png");
+    std::fs::write(&input, srv::png(8, 6, 91)).unwrap();
+    let out = dir.path().join("early_x4.png");
+    let client = Command::new(&py)
+        .arg("client.py")
+        .arg(&input)
+        .arg("-o")
+        .arg(&out)
+        .args([
+            "--addr",
+            &format!("127.0.0.1:{port}"),
+            "--wait-ready",
+            "120",
+        ])
+        .current_dir(common::root().join("examples/python"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let server = Server::start_at(place.settings(), port).await;
+    let o = tokio::task::spawn_blocking(move || client.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("waiting for the server to become ready"),
+        "{err}"
+    );
+    let got = image::open(&out).unwrap();
+    assert_eq!((got.width(), got.height()), (32, 24));
     server.stop().await;
 }

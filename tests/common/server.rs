@@ -113,7 +113,12 @@ impl Server {
     }
 
     pub async fn start_with(settings: Settings) -> Self {
-        let (addr, stop, handle) = spawn(settings).await;
+        Self::start_at(settings, 0).await
+    }
+
+    /// A server on 127.0.0.1:`port` (0: any free port), once SERVING.
+    pub async fn start_at(settings: Settings, port: u16) -> Self {
+        let (addr, stop, handle) = spawn(settings, port).await;
         let channel = Channel::from_shared(format!("http://{addr}"))
             .unwrap()
             .connect()
@@ -127,7 +132,7 @@ impl Server {
     pub async fn start_tls(mut settings: Settings, certs: &super::TestCerts) -> Self {
         settings.tls_cert = Some(certs.cert.clone());
         settings.tls_key = Some(certs.key.clone());
-        let (addr, stop, handle) = spawn(settings).await;
+        let (addr, stop, handle) = spawn(settings, 0).await;
         let pem = std::fs::read(&certs.ca).unwrap();
         let tls = tonic::transport::ClientTlsConfig::new()
             .ca_certificate(tonic::transport::Certificate::from_pem(pem))
@@ -170,9 +175,14 @@ impl Server {
 
 type ServeHandle = tokio::task::JoinHandle<Result<(), upscaler::api::ServeError>>;
 
-/// `upscaler::serve` on 127.0.0.1:0 until the sender is used.
-async fn spawn(settings: Settings) -> (std::net::SocketAddr, oneshot::Sender<()>, ServeHandle) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+/// `upscaler::serve` on 127.0.0.1:`port` until the sender is used.
+async fn spawn(
+    settings: Settings,
+    port: u16,
+) -> (std::net::SocketAddr, oneshot::Sender<()>, ServeHandle) {
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = oneshot::channel::<()>();
     let handle = tokio::spawn(upscaler::serve(settings, listener, async {
@@ -256,7 +266,29 @@ pub fn state(t: &pb::Task) -> pb::TaskState {
     pb::TaskState::try_from(t.state).unwrap()
 }
 
-/// Polls GetTask until the task is SUCCESS or FAILURE.
+/// Polls GetTask until the task is STARTED with at least one tile done.
+pub async fn wait_running(client: &mut Client, task_id: &str) -> pb::Task {
+    let deadline = tokio::time::Instant::now() + wait_limit();
+    loop {
+        let t = client
+            .get_task(pb::GetTaskRequest {
+                task_id: task_id.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if state(&t) == pb::TaskState::Started && t.tiles_done >= 1 {
+            return t;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "task never ran: {t:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Polls GetTask until the task has ended (SUCCESS, FAILURE or CANCELLED).
 pub async fn wait_done(client: &mut Client, task_id: &str) -> pb::Task {
     let deadline = tokio::time::Instant::now() + wait_limit();
     loop {
@@ -267,7 +299,10 @@ pub async fn wait_done(client: &mut Client, task_id: &str) -> pb::Task {
             .await
             .unwrap()
             .into_inner();
-        if matches!(state(&t), pb::TaskState::Success | pb::TaskState::Failure) {
+        if matches!(
+            state(&t),
+            pb::TaskState::Success | pb::TaskState::Failure | pb::TaskState::Cancelled
+        ) {
             return t;
         }
         assert!(
