@@ -8,7 +8,7 @@
   const MAX_BUSY_RETRIES = 20; // automatic retries on 429 queue_full / 503 unavailable
   const MAX_STREAM_RETRIES = 5; // reconnections of a progress stream that ended early
   const ACTIVE = new Set(['uploading', 'queued', 'running', 'fetching']);
-  const FINISHED = new Set(['success', 'failed', 'error']);
+  const FINISHED = new Set(['success', 'failed', 'error', 'cancelled']);
 
   const $ = (sel) => document.querySelector(sel);
   const ui = {
@@ -199,7 +199,7 @@
     return {
       model: ui.model.value || null,
       outscale,
-      format: ui.format.value === 'jpeg' ? 'jpeg' : 'png',
+      format: ['jpeg', 'webp'].includes(ui.format.value) ? ui.format.value : 'png',
       scale: outscale ?? (m ? m.scale : null),
     };
   }
@@ -264,7 +264,9 @@
     job.el.meta.textContent = parts.join(' · ');
   }
 
-  function setState(job, state, message, progress) {
+  // `keepActions`: leave the buttons as they are (a progress update under the same Cancel
+  // button, which must not lose the keyboard focus at every tile).
+  function setState(job, state, message, progress, keepActions) {
     job.state = state;
     job.el.row.dataset.state = state;
     job.el.message.textContent = message;
@@ -277,7 +279,7 @@
       bar.max = Math.max(1, progress.total);
       bar.value = Math.min(progress.done, bar.max);
     }
-    setActions(job, []); // callers add the buttons that fit the new state
+    if (!keepActions) setActions(job, []); // callers add the buttons that fit the new state
     updateQueueChrome();
     // A finished or waiting job frees its slot.
     if (!ACTIVE.has(state)) queueMicrotask(pump);
@@ -289,6 +291,7 @@
   }
 
   function setActions(job, actions) {
+    delete job.el.actions.dataset.cancels;
     job.el.actions.replaceChildren(...actions.map(([label, fn, secondary]) =>
       h('button', { type: 'button', class: secondary ? 'secondary' : '', text: label, onclick: fn })));
     job.el.actions.hidden = actions.length === 0;
@@ -564,18 +567,70 @@
     job.timer = setTimeout(() => follow(job, taskId, failures + 1), delay);
   }
 
+  // A Cancel button for a task that waits or runs, kept across its progress updates.
+  function showWorking(job, taskId, state, message, progress) {
+    const offered = job.el.actions.dataset.cancels === taskId;
+    setState(job, state, message, progress, offered);
+    if (!offered && !job.cancelling) {
+      setActions(job, [['Cancel', () => cancelTask(job, taskId), true]]);
+      job.el.actions.dataset.cancels = taskId;
+    }
+  }
+
+  // DELETE /tasks/{id}: the task leaves the queue, or stops part-way through its tile.
+  async function cancelTask(job, taskId) {
+    job.cancelling = true;
+    setActions(job, []);
+    job.el.message.textContent = `Cancelling task ${shortId(taskId)}…`;
+    let res;
+    try {
+      res = await fetch(`/tasks/${encodeURIComponent(taskId)}`, {
+        method: 'DELETE', headers: headers(), cache: 'no-store',
+      });
+    } catch (e) {
+      job.cancelling = false;
+      if (job.state === 'removed' || FINISHED.has(job.state)) return;
+      job.el.message.textContent = `Could not cancel: ${e.message}`;
+      setActions(job, [['Cancel', () => cancelTask(job, taskId), true]]);
+      return;
+    }
+    job.cancelling = false;
+    if (job.state === 'removed') return;
+    if (res.ok) {
+      const task = await res.json().catch(() => null);
+      // CANCELLED ends the row; a task whose instance has not stopped it yet keeps being
+      // followed, and its events end it.
+      if (task && applyTask(job, task)) return;
+    } else {
+      const err = await readError(res);
+      if (err.status === 401) {
+        needToken();
+      } else if (err.status !== 409) { // 409: it has just ended; its events show how
+        announce(`${job.name}: could not cancel (${err.code}): ${err.message}`);
+      }
+    }
+    if (!FINISHED.has(job.state) && job.state !== 'fetching') {
+      setActions(job, [['Cancel', () => cancelTask(job, taskId), true]]);
+      job.el.actions.dataset.cancels = taskId;
+    }
+  }
+
   // Shows one task state; true once the task is over.
   function applyTask(job, task) {
-    const id = shortId(task.task_id || job.taskId);
+    const taskId = task.task_id || job.taskId;
+    const id = shortId(taskId);
     const state = task.state || task.status;
+    if (job.state === 'cancelled') return true; // already shown (by the answer or an event)
     if (state === 'PENDING') {
-      setState(job, 'queued', `Queued on the server (task ${id}); waiting for a worker.`);
+      const place = task.queue_position ? ` (number ${task.queue_position} in the queue)` : '';
+      showWorking(job, taskId, 'queued', `Queued on the server (task ${id})${place}; waiting for a worker.`);
     } else if (state === 'STARTED') {
       const p = task.progress || { done: 0, total: 0 };
+      const stopping = task.cancel_requested ? ' Stopping…' : '';
       if (p.total > 0) {
-        setState(job, 'running', `Running: ${p.done} / ${p.total} tiles done (task ${id}).`, p);
+        showWorking(job, taskId, 'running', `Running: ${p.done} / ${p.total} tiles done (task ${id}).${stopping}`, p);
       } else {
-        setState(job, 'running', `Running (task ${id})…`);
+        showWorking(job, taskId, 'running', `Running (task ${id})…${stopping}`);
       }
     } else if (state === 'SUCCESS') {
       stopWork(job);
@@ -586,6 +641,12 @@
       setState(job, 'failed', `Failed (task ${id}): ${task.error || 'no reason given'}`);
       setActions(job, [['Try again', () => upload(job, { overwrite: false, freshOptions: true })]]);
       announce(`${job.name} failed: ${task.error || 'no reason given'}`);
+      return true;
+    } else if (state === 'CANCELLED') {
+      stopWork(job);
+      setState(job, 'cancelled', `Cancelled (task ${id}); nothing was stored.`);
+      setActions(job, [['Upload again', () => upload(job, { overwrite: false, freshOptions: true })]]);
+      announce(`${job.name} was cancelled`);
       return true;
     }
     return false;
@@ -661,7 +722,7 @@
   }
 
   function downloadName(job, blob, scale) {
-    const ext = blob.type === 'image/jpeg' ? 'jpg' : 'png';
+    const ext = { 'image/jpeg': 'jpg', 'image/webp': 'webp' }[blob.type] || 'png';
     return `${stem(job.name)}${scale ? `_x${formatScale(scale)}` : '_upscaled'}.${ext}`;
   }
 

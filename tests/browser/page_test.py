@@ -3,7 +3,11 @@
 wait for the before/after slider, check the result's size and download link, move the
 slider with the keyboard and save a screenshot.
 
+With --cancel-queued (the server's worker must be busy with another task): the upload waits
+in the queue, the row says its place, and its Cancel button ends it as cancelled.
+
     python page_test.py --base-url http://127.0.0.1:8080 --image small.png --out-dir out [--token T]
+                        [--cancel-queued]
 
 Needs Debian's chromium and chromedriver (/usr/bin); never downloads a driver.
 """
@@ -69,6 +73,44 @@ def start_browser(profile_dir):
     return webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
 
 
+CLICK_CANCEL = """
+const row = document.querySelector(`#queue .job[data-file-name="${CSS.escape(arguments[0])}"]`);
+const b = [...row.querySelectorAll('.actions button')].find(b => b.textContent === 'Cancel');
+if (!b) return false;
+b.click();
+return true;
+"""
+
+
+def wait_row(driver, name, ok, what, seconds=60):
+    """Polls the row of `name` until `ok(row)`; fails on an error state or after `seconds`."""
+    deadline = time.monotonic() + seconds
+    row = None
+    while time.monotonic() < deadline:
+        row = driver.execute_script(ROW_STATE, name)
+        if row and ok(row):
+            return row
+        if row and row["state"] in ("failed", "error", "auth"):
+            raise AssertionError(f"job ended in state {row['state']}: {row['message']}")
+        time.sleep(0.1)
+    raise AssertionError(f"{what} within {seconds} s; last row state: {row}")
+
+
+def cancel_queued(driver, name):
+    row = wait_row(driver, name, lambda r: r["state"] == "queued" and "in the queue" in r["message"],
+                   "the upload never waited in the queue with its place")
+    print(f"queued: {row['message']}")
+    assert "number 1 in the queue" in row["message"], row["message"]
+    assert driver.execute_script(CLICK_CANCEL, name), "no Cancel button on the queued row"
+    row = wait_row(driver, name, lambda r: r["state"] == "cancelled", "the row never showed the cancellation")
+    print(f"cancelled: {row['message']}")
+    assert "nothing was stored" in row["message"], row["message"]
+    buttons = driver.execute_script(
+        "return [...document.querySelectorAll(`#queue .job[data-file-name=\"${CSS.escape(arguments[0])}\"] "
+        ".actions button`)].map(b => b.textContent)", name)
+    assert buttons == ["Upload again"], f"buttons after cancelling: {buttons}"
+
+
 def run(driver, args):
     base = args.base_url.rstrip("/")
     name = os.path.basename(args.image)
@@ -97,6 +139,10 @@ def run(driver, args):
     assert not driver.find_element(By.ID, "auth").is_displayed(), "the token field is shown"
     Select(driver.find_element(By.ID, "model")).select_by_value(FAST_MODEL)
     driver.find_element(By.ID, "file-input").send_keys(os.path.abspath(args.image))
+    if args.cancel_queued:
+        cancel_queued(driver, name)
+        check_console(driver)
+        return
 
     deadline = time.monotonic() + 120
     row, overwritten = None, False
@@ -148,6 +194,10 @@ def run(driver, args):
     driver.save_screenshot(shot)
     print(f"screenshot: {shot}")
 
+    check_console(driver)
+
+
+def check_console(driver):
     # Script errors only: refused requests show up in the flow above already.
     errors = [e for e in driver.get_log("browser") if e.get("level") == "SEVERE" and e.get("source") != "network"]
     assert not errors, f"errors in the browser console: {errors}"
@@ -159,6 +209,8 @@ def main():
     ap.add_argument("--image", required=True, help="a small PNG")
     ap.add_argument("--out-dir", required=True)
     ap.add_argument("--token", default=os.environ.get("UPSCALER_TOKEN"))
+    ap.add_argument("--cancel-queued", action="store_true",
+                    help="cancel the upload while it waits behind another task")
     args = ap.parse_args()
 
     profile = tempfile.mkdtemp(prefix="page-test-chromium-")
