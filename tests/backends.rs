@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 use futures::{FutureExt, StreamExt};
 use upscaler::locks::{memory::MemoryLocks, redis::RedisLocks, Acquire, LockManager};
 use upscaler::store::{
-    embedded::EmbeddedStore, mongo::MongoStore, ResultStore, StoreError, TaskStore, CHUNK_SIZE,
+    embedded::EmbeddedStore, mongo::MongoStore, Lease, LocalSources, ResultStore, SourceStore,
+    StoreError, TaskQueue, TaskStore, CHUNK_SIZE,
 };
 use upscaler::tasks::types::{JobOptions, ResultFormat, ResultMeta, TaskRecord, TaskState};
 
@@ -66,6 +67,8 @@ fn task(state: TaskState, expires_at_ms: Option<i64>) -> TaskRecord {
         started_at_ms: None,
         finished_at_ms: state.is_terminal().then_some(1_700_000_100_000),
         expires_at_ms,
+        cancel_requested: false,
+        queue_position: 0,
     }
 }
 
@@ -260,6 +263,102 @@ async fn replace_while_reading(store: &dyn ResultStore) {
     futures::join!(writer, reader);
 }
 
+/// Deleting a result (plain, and only while it is still a given task's), listing the old
+/// ones for expiry, and the totals. Needs a store with no other results.
+async fn result_deletion_and_expiry(store: &dyn ResultStore) {
+    let (old_name, young_name) = (format!("{}.png", unique()), format!("{}.png", unique()));
+    let (old_bytes, young_bytes) = (random_bytes(MIB + 5), random_bytes(1000));
+    let mut old = meta(&old_name, &old_bytes);
+    old.created_at_ms = 1_000;
+    let mut young = meta(&young_name, &young_bytes);
+    young.created_at_ms = 5_000;
+    store.put(&young, young_bytes.clone()).await.unwrap();
+    store.put(&old, old_bytes.clone()).await.unwrap();
+    assert_eq!(
+        store.usage().await.unwrap(),
+        (2, (old_bytes.len() + young_bytes.len()) as u64)
+    );
+    let names = |v: Vec<ResultMeta>| v.into_iter().map(|m| m.file_name).collect::<Vec<_>>();
+    assert_eq!(
+        names(store.stored_before(1_000, 10).await.unwrap()),
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        names(store.stored_before(2_000, 10).await.unwrap()),
+        [old_name.as_str()]
+    );
+    assert_eq!(
+        names(store.stored_before(9_000, 10).await.unwrap()),
+        [old_name.clone(), young_name.clone()],
+        "oldest first"
+    );
+    assert_eq!(
+        names(store.stored_before(9_000, 1).await.unwrap()),
+        [old_name.as_str()]
+    );
+
+    // Made by another task (replaced since it was found): kept.
+    assert_eq!(
+        store.delete(&old_name, Some("another-task")).await.unwrap(),
+        None
+    );
+    assert!(read_back(store, &old_name).await.is_some());
+    // Several sweepers at once: exactly one deletes it.
+    let (a, b) = futures::join!(
+        store.delete(&old_name, Some(&old.task_id)),
+        store.delete(&old_name, Some(&old.task_id))
+    );
+    let deleted: Vec<_> = [a.unwrap(), b.unwrap()].into_iter().flatten().collect();
+    assert_eq!(deleted, [old.clone()]);
+    assert!(store.meta(&old_name).await.unwrap().is_none());
+    assert!(read_back(store, &old_name).await.is_none());
+    assert_eq!(store.delete(&old_name, None).await.unwrap(), None);
+    assert_eq!(store.usage().await.unwrap(), (1, young_bytes.len() as u64));
+
+    // Unconditionally, as DeleteProcessed does; the name can be stored again after.
+    assert_eq!(
+        store.delete(&young_name, None).await.unwrap(),
+        Some(young.clone())
+    );
+    assert_eq!(store.usage().await.unwrap(), (0, 0));
+    store.put(&young, young_bytes.clone()).await.unwrap();
+    assert_eq!(read_back(store, &young_name).await.unwrap().1, young_bytes);
+}
+
+/// Uploads listed by age for the orphan sweep, and deletion that says whether it deleted.
+async fn source_sweep(sources: &dyn SourceStore, scratch: &std::path::Path) {
+    let id = uuid::Uuid::new_v4().to_string();
+    let file = scratch.join("upload.part");
+    std::fs::write(&file, b"some image bytes").unwrap();
+    sources.put_source(&id, &file).await.unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    assert!(sources
+        .sources_before(now + 60_000, 100)
+        .await
+        .unwrap()
+        .contains(&id));
+    assert!(!sources
+        .sources_before(now - 60_000, 100)
+        .await
+        .unwrap()
+        .contains(&id));
+    assert_eq!(
+        sources.source(&id).await.unwrap().as_deref(),
+        Some(&b"some image bytes"[..])
+    );
+    assert!(sources.delete_source(&id).await.unwrap(), "deleted");
+    assert!(!sources.delete_source(&id).await.unwrap(), "already gone");
+    assert!(sources.source(&id).await.unwrap().is_none());
+    assert!(!sources
+        .sources_before(now + 60_000, 100)
+        .await
+        .unwrap()
+        .contains(&id));
+}
+
 async fn lock_contract(locks: &dyn LockManager) {
     let name = format!("{}.png", unique());
     let ttl = Duration::from_secs(30);
@@ -355,6 +454,21 @@ async fn embedded_results() {
     result_roundtrip(&store).await;
     large_result(&store).await;
     replace_while_reading(&store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_result_deletion_and_expiry() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(dir.path()).unwrap();
+    result_deletion_and_expiry(&store).await;
+}
+
+#[tokio::test]
+async fn local_sources_sweep() {
+    let dir = tempfile::tempdir().unwrap();
+    let sources = LocalSources::new(dir.path().join("tmp"));
+    std::fs::create_dir_all(dir.path().join("tmp")).unwrap();
+    source_sweep(&sources, dir.path()).await;
 }
 
 #[tokio::test]
@@ -524,6 +638,115 @@ async fn mongo_results() {
             files.count_documents(mongodb::bson::doc! {}).await.unwrap(),
             stored
         );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mongo_result_deletion_and_expiry() {
+    with_mongo(|store, db| async move {
+        result_deletion_and_expiry(&store).await;
+        // Deleted results took their blobs with them.
+        let files = db.collection::<mongodb::bson::Document>("results.files");
+        assert_eq!(
+            files.count_documents(mongodb::bson::doc! {}).await.unwrap(),
+            1
+        );
+        let dir = tempfile::tempdir().unwrap();
+        source_sweep(&store, dir.path()).await;
+    })
+    .await;
+}
+
+/// The shared queue's cancellation and positions: a mark that a lease holder sees on its
+/// next save or renewal, an unclaimed task ended by the canceller alone, and places in claim
+/// order that skip claimed and cancelled tasks.
+#[tokio::test]
+async fn mongo_queue_cancel_and_positions() {
+    with_mongo(|store, _db| async move {
+        let lease = Duration::from_secs(60);
+        let mut waiting = Vec::new();
+        for i in 0..3 {
+            let mut t = task(TaskState::Pending, None);
+            t.created_at_ms = 1_700_000_000_000 + i;
+            store.insert(&t).await.unwrap();
+            waiting.push(t);
+        }
+        let mut places = Vec::new();
+        for t in &waiting {
+            places.push(store.position(t).await.unwrap());
+        }
+        assert_eq!(places, [1, 2, 3]);
+        assert_eq!(store.waiting().await.unwrap(), 3);
+
+        // A worker claims the oldest: the others move up.
+        let claimed = store.claim("worker-a", lease).await.unwrap().unwrap();
+        assert_eq!(claimed.id, waiting[0].id);
+        assert!(!claimed.cancel_requested);
+        assert_eq!(store.position(&waiting[1]).await.unwrap(), 1);
+        assert_eq!(store.position(&waiting[2]).await.unwrap(), 2);
+
+        // Cancelling the claimed task: marked, but not ended by the canceller; the holder
+        // learns of it from its next save or renewal.
+        let marked = store.request_cancel(&claimed.id).await.unwrap().unwrap();
+        assert!(marked.cancel_requested);
+        let mut ended = marked.clone();
+        ended.state = TaskState::Cancelled;
+        assert!(
+            !store.cancel_unclaimed(&ended).await.unwrap(),
+            "a leased task was ended"
+        );
+        assert_eq!(
+            store
+                .renew_lease(&claimed.id, "worker-a", lease)
+                .await
+                .unwrap(),
+            Lease::CancelRequested
+        );
+        assert_eq!(
+            store.put_leased(&claimed, "worker-a").await.unwrap(),
+            Lease::CancelRequested,
+            "saving a record does not clear the mark"
+        );
+        assert_eq!(
+            store
+                .renew_lease(&claimed.id, "worker-b", lease)
+                .await
+                .unwrap(),
+            Lease::Lost
+        );
+
+        // Cancelling a waiting task: the canceller ends it, and it is never claimed.
+        let marked = store.request_cancel(&waiting[1].id).await.unwrap().unwrap();
+        assert!(marked.cancel_requested);
+        assert_eq!(
+            store.position(&waiting[2]).await.unwrap(),
+            1,
+            "a cancelled task is not ahead"
+        );
+        let mut ended = marked;
+        ended.state = TaskState::Cancelled;
+        ended.finished_at_ms = Some(1_700_000_100_000);
+        assert!(store.cancel_unclaimed(&ended).await.unwrap());
+        let stored = store.get(&waiting[1].id).await.unwrap().unwrap();
+        assert_eq!(stored.state, TaskState::Cancelled);
+        assert!(!stored.cancel_requested);
+        // Finished tasks come back unmarked, as they are.
+        let again = store.request_cancel(&waiting[1].id).await.unwrap().unwrap();
+        assert_eq!(
+            (again.state, again.cancel_requested),
+            (TaskState::Cancelled, false)
+        );
+        assert!(store
+            .request_cancel("no-such-task")
+            .await
+            .unwrap()
+            .is_none());
+
+        let next = store.claim("worker-b", lease).await.unwrap().unwrap();
+        assert_eq!(next.id, waiting[2].id, "the cancelled task was skipped");
+        assert!(store.claim("worker-b", lease).await.unwrap().is_none());
+        assert_eq!(store.waiting().await.unwrap(), 0);
     })
     .await;
 }

@@ -75,6 +75,34 @@ fn jpeg_output_and_outscale() {
     assert_eq!((img.width(), img.height()), (160, 120));
 }
 
+/// A `.webp` output is lossless WebP: the same pixels as the PNG output.
+#[test]
+fn webp_output_is_lossless() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = common::fixture("parity/coffee_80x60.png");
+    let run = |out: &Path| {
+        let o = upscaler(&[
+            "upscale",
+            input.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "-m",
+            "realesr-animevideov3",
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        std::fs::read(out).unwrap()
+    };
+    let webp = run(&dir.path().join("coffee.webp"));
+    assert_eq!((&webp[..4], &webp[8..12]), (&b"RIFF"[..], &b"WEBP"[..]));
+    let png = run(&dir.path().join("coffee.png"));
+    let (a, b) = (
+        image::load_from_memory(&webp).unwrap(),
+        image::load_from_memory(&png).unwrap(),
+    );
+    assert_eq!((a.width(), a.height()), (320, 240));
+    assert!(a.to_rgb8() == b.to_rgb8(), "WebP pixels differ from PNG's");
+}
+
 #[test]
 fn bad_inputs_exit_non_zero_with_one_line_and_leave_no_output() {
     let dir = tempfile::tempdir().unwrap();

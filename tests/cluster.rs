@@ -303,18 +303,6 @@ async fn watch_to_end(client: &mut srv::Client, id: &str) -> Vec<pb::Task> {
     seen
 }
 
-async fn wait_started(client: &mut srv::Client, id: &str) {
-    let deadline = Instant::now() + srv::wait_limit();
-    loop {
-        let t = client.get_task(get(id)).await.unwrap().into_inner();
-        if srv::state(&t) == pb::TaskState::Started && t.tiles_done >= 1 {
-            return;
-        }
-        assert!(Instant::now() < deadline, "task never started: {t:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn any_instance_answers_any_rpc_and_work_spreads() {
     let Some(cluster) = Cluster::start("cluster: any instance", 3).await else {
@@ -384,7 +372,7 @@ async fn an_instance_killed_mid_task_is_taken_over() {
     let mut a = cluster.client(0).await;
     // 128x128 in 16 px tiles: 64 tiles, several seconds of work.
     let id = upload(&mut a, "takeover.png", 128, 7).await;
-    wait_started(&mut a, &id).await;
+    srv::wait_running(&mut a, &id).await;
     let victim = cluster.runner(&id).expect("some instance runs the task");
     let survivor = (victim + 1) % 3;
     let mut watcher = cluster.client(survivor).await;
@@ -432,7 +420,7 @@ async fn survive_outage(test: &str, which: &str) {
     };
     let mut a = cluster.client(0).await;
     let id = upload(&mut a, "outage.png", 128, 9).await;
-    wait_started(&mut a, &id).await;
+    srv::wait_running(&mut a, &id).await;
 
     match which {
         "redis" => cluster.redis.take().unwrap().stop("-TERM"),
@@ -501,4 +489,79 @@ async fn redis_stopped_and_started_again() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mongo_stopped_and_started_again() {
     survive_outage("cluster: MongoDB outage", "mongo").await;
+}
+
+/// A task running on one instance is cancelled through another: it stops at its next tile
+/// on the instance that runs it, watchers on a third see CANCELLED, and nothing is left in
+/// the shared store (no result, no upload, no lock). A task waiting in the shared queue is
+/// cancelled by whichever instance is asked, at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_is_cancelled_through_another_instance() {
+    let Some(cluster) = Cluster::start("cluster: cancel", 3).await else {
+        return;
+    };
+    let mut a = cluster.client(0).await;
+    let id = upload(&mut a, "cancelled.png", 128, 11).await;
+    srv::wait_running(&mut a, &id).await;
+    let runner = cluster.runner(&id).expect("some instance runs the task");
+    let (asker, watcher) = ((runner + 1) % 3, (runner + 2) % 3);
+    let mut w = cluster.client(watcher).await;
+    let watch = tokio::spawn({
+        let id = id.clone();
+        async move { watch_to_end(&mut w, &id).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let mut c = cluster.client(asker).await;
+    let asked = Instant::now();
+    let t = c
+        .cancel_task(pb::CancelTaskRequest {
+            task_id: id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let took = asked.elapsed();
+    eprintln!("cancel latency through another instance (x4plus, tiles of 16): {took:?}");
+    assert_eq!(srv::state(&t), pb::TaskState::Cancelled, "{t:?}");
+    assert!(!t.cancel_requested);
+    assert!(t.tiles_done < t.tiles_total, "it stopped early: {t:?}");
+    let seen = watch.await.unwrap();
+    assert_eq!(
+        srv::state(seen.last().unwrap()),
+        pb::TaskState::Cancelled,
+        "{seen:?}"
+    );
+    assert!(
+        cluster.log(runner).contains("task cancelled"),
+        "the instance running it stopped it"
+    );
+    // It does not come back: no other instance takes it over and stores a result.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let t = c.get_task(get(&id)).await.unwrap().into_inner();
+    assert_eq!(srv::state(&t), pb::TaskState::Cancelled);
+    let (code, _) = srv::code(srv::fetch(&mut a, "cancelled.png").await);
+    assert_eq!(
+        code,
+        tonic::Code::NotFound,
+        "a cancelled task stores nothing"
+    );
+    let db = cluster.mongo().await;
+    let count = |coll: &str| {
+        let coll = db.collection::<mongodb::bson::Document>(coll);
+        async move { coll.count_documents(doc! {}).await.unwrap() }
+    };
+    assert_eq!(count("results").await, 0);
+    assert_eq!(count("uploads.files").await, 0, "the upload is deleted");
+    let started: usize = (0..3)
+        .map(|i| cluster.log(i).matches("task started").count())
+        .sum();
+    assert_eq!(started, 1, "the task ran once and was not taken over");
+
+    // The name is free at once: the same upload through the third instance is new work.
+    let mut b = cluster.client(watcher).await;
+    let again = upload(&mut b, "cancelled.png", 32, 11).await;
+    assert_ne!(again, id);
+    let done = srv::wait_done(&mut b, &again).await;
+    assert_eq!(srv::state(&done), pb::TaskState::Success, "{done:?}");
 }

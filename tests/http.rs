@@ -891,3 +891,103 @@ async fn tls_serves_http1_clients_and_grpc() {
     assert_eq!(listed.into_inner().models.len(), 5);
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_and_delete_on_embedded_backends() {
+    cancel_and_delete(Place::new(Backend::Embedded)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_and_delete_on_real_backends() {
+    if let Some(b) = srv::real_backend("cancel_and_delete_on_real_backends") {
+        cancel_and_delete(Place::new(b)).await;
+    }
+}
+
+/// `DELETE /tasks/{id}` cancels (a running task, then one that waits behind it, whose place
+/// in the queue the task JSON gives), `DELETE /processed/{name}` deletes a result and frees
+/// its name; WebP results over the form's `format` field.
+async fn cancel_and_delete(place: Place) {
+    let server = Server::start(&place).await;
+    let web = Http::new(server.addr);
+    let slow = [("model", "realesrgan-x4plus"), ("tile", "16")];
+    let (status, body) = http::json(Ok(web
+        .upload("long.png", srv::png(128, 128, 1), &slow)
+        .await))
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let running = body["task_id"].as_str().unwrap().to_string();
+    let deadline = tokio::time::Instant::now() + srv::wait_limit();
+    loop {
+        let (_, t) = http::json(web.get(&format!("/tasks/{running}")).send().await).await;
+        if t["state"] == "STARTED" && t["progress"]["done"].as_u64() >= Some(1) {
+            assert!(t.get("queue_position").is_none(), "{t}");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never started: {t}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (_, body) = http::json(Ok(web.upload("next.png", srv::png(8, 8, 2), &[]).await)).await;
+    let waiting = body["task_id"].as_str().unwrap().to_string();
+    let (_, t) = http::json(web.get(&format!("/tasks/{waiting}")).send().await).await;
+    assert_eq!(
+        (t["state"].as_str(), t["queue_position"].as_u64()),
+        (Some("PENDING"), Some(1)),
+        "{t}"
+    );
+
+    let (status, t) = http::json(web.delete(&format!("/tasks/{waiting}")).send().await).await;
+    assert_eq!(status, StatusCode::OK, "{t}");
+    assert_eq!(t["state"], "CANCELLED", "{t}");
+    let (status, t) = http::json(web.delete(&format!("/tasks/{running}")).send().await).await;
+    assert_eq!(status, StatusCode::OK, "{t}");
+    assert_eq!(t["state"], "CANCELLED", "{t}");
+    assert!(t["finished_at"].is_string(), "{t}");
+    let (status, body) = http::json(web.delete(&format!("/tasks/{running}")).send().await).await;
+    let (code, message) = http::error(status, &body, StatusCode::CONFLICT);
+    assert_eq!(code, "failed_precondition");
+    assert!(message.contains("CANCELLED"), "{message}");
+    let (status, body) = http::json(web.delete("/tasks/no-such-task").send().await).await;
+    http::error(status, &body, StatusCode::NOT_FOUND);
+    let (status, body) = http::json(web.get("/processed/long.png").send().await).await;
+    http::error(status, &body, StatusCode::NOT_FOUND);
+
+    // A lossless WebP result, deleted, then made again from the same upload.
+    let bytes = srv::png(10, 6, 3);
+    let (_, body) = http::json(Ok(web
+        .upload("pic.png", bytes.clone(), &[("format", "webp")])
+        .await))
+    .await;
+    let task = web.wait_done(body["task_id"].as_str().unwrap()).await;
+    assert_eq!(task["state"], "SUCCESS", "{task}");
+    let r = web.get("/processed/pic.png").send().await.unwrap();
+    assert_eq!(r.headers()["content-type"], "image/webp");
+    let webp = r.bytes().await.unwrap();
+    let img = image::load_from_memory_with_format(&webp, image::ImageFormat::WebP).unwrap();
+    assert_eq!((img.width(), img.height()), (40, 24));
+
+    let (status, body) = http::json(web.delete("/processed/pic.png").send().await).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["deleted"], true);
+    assert_eq!(body["size"].as_u64(), Some(webp.len() as u64));
+    let (status, body) = http::json(web.get("/processed/pic.png").send().await).await;
+    http::error(status, &body, StatusCode::NOT_FOUND);
+    let (status, body) = http::json(web.delete("/processed/pic.png").send().await).await;
+    http::error(status, &body, StatusCode::NOT_FOUND);
+    for path in ["/processed/..%2F..%2FCargo.toml", "/processed/README.md"] {
+        let (status, body) = http::json(web.delete(path).send().await).await;
+        let (code, _) = http::error(status, &body, StatusCode::BAD_REQUEST);
+        assert_eq!(code, "invalid_argument", "{path}");
+    }
+    assert!(common::root().join("README.md").exists());
+    let (status, body) = http::json(Ok(web
+        .upload("pic.png", bytes, &[("format", "webp")])
+        .await))
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    assert_eq!(body["outcome"], "queued");
+    web.wait_done(body["task_id"].as_str().unwrap()).await;
+
+    assert_clean(&place).await;
+    server.stop().await;
+}

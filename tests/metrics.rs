@@ -29,6 +29,8 @@ async fn counters_move_after_a_task() {
     };
     let mut settings = place.settings();
     settings.metrics_addr = Some(metrics_addr);
+    settings.sweep_interval_secs = 1;
+    settings.orphan_grace_secs = 60;
     let server = Server::start_with(settings).await;
     let mut c = server.client.clone();
     let scrape_now = || tokio::task::spawn_blocking(move || scrape(metrics_addr));
@@ -93,5 +95,85 @@ async fn counters_move_after_a_task() {
     assert_eq!(value(&after, "upscaler_queue_depth"), 0.0);
     assert_eq!(value(&after, "upscaler_running_tasks"), 0.0);
     assert!(after.contains("upscaler_running_tasks"));
+
+    // The sweeper's view of the store, and what it swept: an upload left in TEMP_DIR by a
+    // crash, an hour old.
+    let orphan = place.temp_dir.join(format!("{}.src", uuid::Uuid::new_v4()));
+    std::fs::write(&orphan, &bytes).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&orphan)
+        .unwrap()
+        .set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(3600))
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let swept = loop {
+        let now = scrape_now().await.unwrap();
+        if value(&now, r#"upscaler_swept_total{kind="source_file"}"#) >= 1.0 {
+            break now;
+        }
+        assert!(std::time::Instant::now() < deadline, "never swept: {now}");
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    };
+    assert!(!orphan.exists());
+    assert_eq!(
+        value(&swept, r#"upscaler_swept_total{kind="source_file"}"#),
+        1.0
+    );
+    assert_eq!(value(&swept, "upscaler_results_stored"), 1.0, "{swept}");
+    assert_eq!(
+        value(&swept, "upscaler_result_bytes_stored"),
+        result.len() as f64
+    );
+
+    // Cancelling: a waiting task, then the running one.
+    let slow = pb::UploadMetadata {
+        model: "realesrgan-x4plus".into(),
+        tile: Some(16),
+        ..srv::meta("slow.png")
+    };
+    let running = srv::upload(&mut c, slow, &srv::png(128, 128, 2))
+        .await
+        .unwrap()
+        .task_id;
+    srv::wait_running(&mut c, &running).await;
+    let waiting = srv::upload(&mut c, srv::meta("waiting.png"), &srv::png(8, 8, 3))
+        .await
+        .unwrap()
+        .task_id;
+    assert_eq!(
+        value(&scrape_now().await.unwrap(), "upscaler_queue_depth"),
+        1.0
+    );
+    for id in [&waiting, &running] {
+        let t = c
+            .cancel_task(pb::CancelTaskRequest {
+                task_id: id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(srv::state(&t), pb::TaskState::Cancelled);
+    }
+    let end = scrape_now().await.unwrap();
+    let moved = |series: &str| value(&end, series) - value(&swept, series);
+    assert_eq!(
+        moved(r#"upscaler_cancelled_tasks_total{state="PENDING"}"#),
+        1.0,
+        "{end}"
+    );
+    assert_eq!(
+        moved(r#"upscaler_cancelled_tasks_total{state="STARTED"}"#),
+        1.0,
+        "{end}"
+    );
+    assert_eq!(
+        moved(
+            r#"upscaler_task_duration_seconds_count{model="realesrgan-x4plus",state="CANCELLED"}"#
+        ),
+        1.0,
+        "{end}"
+    );
+    assert_eq!(value(&end, "upscaler_queue_depth"), 0.0);
     server.stop().await;
 }

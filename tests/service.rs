@@ -10,30 +10,6 @@ use futures::StreamExt;
 use tonic::Code;
 use upscaler::api::pb;
 
-/// Runs `scenario` once on each backend.
-macro_rules! on_both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod embedded {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(super::Place::new(super::Backend::Embedded)).await;
-                }
-            )*
-        }
-        mod real {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    if let Some(b) = super::srv::real_backend(stringify!($name)) {
-                        super::$name(super::Place::new(b)).await;
-                    }
-                }
-            )*
-        }
-    };
-}
-
 on_both_backends!(
     not_found_task,
     task_without_file,

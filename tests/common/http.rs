@@ -29,6 +29,10 @@ impl Http {
         self.client.get(self.url(path))
     }
 
+    pub fn delete(&self, path: &str) -> reqwest::RequestBuilder {
+        self.client.delete(self.url(path))
+    }
+
     /// A form with the `options` fields first, then the picture in `image`.
     pub fn form(file_name: &str, bytes: Vec<u8>, options: &[(&str, &str)]) -> Form {
         let mut form = Form::new();
@@ -56,13 +60,16 @@ impl Http {
             .expect("POST /upscale answers")
     }
 
-    /// Polls `GET /tasks/{id}` until SUCCESS or FAILURE.
+    /// Polls `GET /tasks/{id}` until SUCCESS, FAILURE or CANCELLED.
     pub async fn wait_done(&self, task_id: &str) -> Value {
         let deadline = tokio::time::Instant::now() + super::server::wait_limit();
         loop {
             let (status, task) = json(self.get(&format!("/tasks/{task_id}")).send().await).await;
             assert_eq!(status, StatusCode::OK, "{task}");
-            if matches!(task["state"].as_str(), Some("SUCCESS" | "FAILURE")) {
+            if matches!(
+                task["state"].as_str(),
+                Some("SUCCESS" | "FAILURE" | "CANCELLED")
+            ) {
                 return task;
             }
             assert!(

@@ -7,6 +7,33 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use upscaler::model::{self, Model};
 
+/// Defines one test per scenario and backend: `embedded::NAME` and `real::NAME` (skipped,
+/// or failed under CI, without `UPSCALER_TEST_REDIS_URL` and `UPSCALER_TEST_MONGO_URI`),
+/// each calling `NAME(place)`. The calling file imports `Place`, `Backend` and `srv`.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod embedded {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Place::new(super::Backend::Embedded)).await;
+                }
+            )*
+        }
+        mod real {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    if let Some(b) = super::srv::real_backend(stringify!($name)) {
+                        super::$name(super::Place::new(b)).await;
+                    }
+                }
+            )*
+        }
+    };
+}
+
 pub fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
