@@ -230,7 +230,7 @@ def main(out_dir):
             f.write(data[: len(data) * 2 // 3])
     save([1, 2, 3], os.path.join(out_dir, "refused_not_a_state_dict.pth"), "zip")
     unknown = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 3, 1))
-    save({"encoder": unknown.state_dict()}, os.path.join(out_dir, "refused_unknown_arch.pth"), "zip")
+    save({"encoder": unknown.state_dict()}, os.path.join(out_dir, "refused_foreign_arch.pth"), "zip")
     torch.jit.save(torch.jit.script(nn.Conv2d(3, 3, 3)), os.path.join(out_dir, "refused_torchscript.pt"))
     compact_relu = SRVGG(3, 1, 2, "relu").state_dict()
     save(compact_relu, os.path.join(out_dir, "refused_compact_without_sidecar.pth"), "zip")

@@ -470,7 +470,7 @@ async fn a_busy_server_answers_in_progress_and_queue_full() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unknown_things_are_404_in_json() {
+async fn things_that_do_not_exist_are_404_in_json() {
     let place = Place::new(Backend::Embedded);
     let server = Server::start(&place).await;
     let web = Http::new(server.addr);

@@ -148,7 +148,7 @@ fn files_that_cannot_be_used_are_refused_with_the_reason() {
         ("refused_truncated_zip.pth", "truncated"),
         ("refused_truncated_legacy.pth", "truncated"),
         ("refused_not_a_state_dict.pth", "not a state dict"),
-        ("refused_unknown_arch.pth", "unknown architecture"),
+        ("refused_foreign_arch.pth", "unknown architecture"),
         ("refused_torchscript.pt", "TorchScript"),
         ("refused_compact_without_sidecar.pth", "sidecar"),
     ] {
@@ -166,7 +166,7 @@ fn a_models_folder_lists_what_it_can_use_and_names_what_it_cannot() {
     copy("old_x2_fp16.pth", "4x-Old.pth");
     copy("compact_x2_relu.pth", "compact.pth");
     copy("compact_x2_relu.json", "compact.json");
-    copy("refused_unknown_arch.pth", "broken.pth");
+    copy("refused_foreign_arch.pth", "broken.pth");
     // A shipped model's name, and a second file for one stem.
     copy("compact_x4_1conv.pth", "realesr-animevideov3.pth");
     copy("compact_x4_1conv.pth", "compact.ckpt");
