@@ -141,6 +141,10 @@ def run(driver, args):
     driver.find_element(By.ID, "file-input").send_keys(os.path.abspath(args.image))
     if args.cancel_queued:
         cancel_queued(driver, name)
+        os.makedirs(args.out_dir, exist_ok=True)
+        shot = os.path.abspath(os.path.join(args.out_dir, "page-cancelled.png"))
+        driver.save_screenshot(shot)
+        print(f"screenshot: {shot}")
         check_console(driver)
         return
 
