@@ -26,9 +26,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Cursor;
-use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -36,7 +34,7 @@ use futures::StreamExt;
 use image::{DynamicImage, ImageFormat, Rgba, RgbaImage};
 use proptest::prelude::*;
 use proptest::sample::Index;
-use proptest::test_runner::{Config, FileFailurePersistence, TestCaseError, TestRunner};
+use proptest::test_runner::{Config, FileFailurePersistence, RngSeed, TestCaseError, TestRunner};
 use sha2::{Digest, Sha256};
 use upscaler::imaging::{self, ImagingError};
 use upscaler::locks::memory::MemoryLocks;
@@ -89,9 +87,9 @@ fn config(test_name: &'static str) -> Config {
     config
 }
 
-/// When set (seconds), each property stops running new cases that long after it started
-/// and passes with the cases run so far: `scripts/fuzz` uses it to stay within its time
-/// limit. Once a case has failed, cases run on regardless, so shrinking can finish.
+/// When set (seconds), each property starts no new runner of cases (see `CASES_PER_RUNNER`)
+/// that long after it started, and passes with the cases run so far: `scripts/fuzz` uses
+/// it to stay within its time limit. A runner whose case failed shrinks it to the end.
 const TIME_LIMIT_VAR: &str = "UPLOAD_FUZZ_SECONDS";
 
 fn time_limit() -> Option<Duration> {
@@ -102,6 +100,11 @@ fn time_limit() -> Option<Duration> {
     Some(Duration::from_secs_f64(secs))
 }
 
+/// Cases per runner under a time limit. A proptest runner only ends once all its cases are
+/// generated, so a long run is a series of runners of this many cases (each with its own
+/// seeds), and the time limit is checked between them.
+const CASES_PER_RUNNER: u32 = 1000;
+
 /// Runs one property, and prints how many cases passed and how long they took (visible
 /// with `--nocapture`; `scripts/fuzz` adds these lines up).
 fn check<S: Strategy>(
@@ -109,40 +112,36 @@ fn check<S: Strategy>(
     strategy: S,
     test: impl Fn(S::Value) -> Result<(), TestCaseError>,
 ) {
-    let mut runner = TestRunner::new(config(name));
-    let (ran, skipped) = (AtomicU32::new(0), AtomicU32::new(0));
-    let failed = AtomicBool::new(false);
+    let cases = config(name).cases;
     let started = Instant::now();
     let deadline = time_limit().map(|limit| started + limit);
-    let result = runner.run(&strategy, |value| {
-        let late = deadline.is_some_and(|d| Instant::now() >= d);
-        if late && !failed.load(Ordering::Relaxed) {
-            skipped.fetch_add(1, Ordering::Relaxed);
-            return Ok(());
+    let (mut ran, mut runners) = (0u64, 0u64);
+    while ran < u64::from(cases) && deadline.is_none_or(|d| Instant::now() < d) {
+        let mut config = config(name);
+        let left = u64::from(cases) - ran;
+        if deadline.is_some() {
+            config.cases = left.min(u64::from(CASES_PER_RUNNER)) as u32;
+            // A fixed seed still gives each runner other cases.
+            if let RngSeed::Fixed(seed) = config.rng_seed {
+                config.rng_seed = RngSeed::Fixed(seed.wrapping_add(runners));
+            }
         }
-        ran.fetch_add(1, Ordering::Relaxed);
-        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| test(value)));
-        if !matches!(outcome, Ok(Ok(()))) {
-            failed.store(true, Ordering::Relaxed);
+        let mut runner = TestRunner::new(config.clone());
+        if let Err(e) = runner.run(&strategy, &test) {
+            panic!("{name}: {e}");
         }
-        outcome.unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-    });
-    match result {
-        Ok(()) => {
-            let skipped = skipped.load(Ordering::Relaxed);
-            eprintln!(
-                "upload_fuzz: {name}: {} cases passed in {:.2}s{}",
-                ran.load(Ordering::Relaxed),
-                started.elapsed().as_secs_f64(),
-                if skipped > 0 {
-                    format!(" (time limit reached, {skipped} cases skipped)")
-                } else {
-                    String::new()
-                }
-            )
-        }
-        Err(e) => panic!("{name}: {e}"),
+        ran += u64::from(config.cases);
+        runners += 1;
     }
+    let stopped = if ran < u64::from(cases) {
+        " (time limit reached)"
+    } else {
+        ""
+    };
+    eprintln!(
+        "upload_fuzz: {name}: {ran} cases passed in {:.2}s{stopped}",
+        started.elapsed().as_secs_f64(),
+    );
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1502,6 +1501,50 @@ fn regression_upload_refuses_outscale_that_empties_the_image() {
     }
     assert!(
         matches!(result, Err(Error::InvalidArgument(_))),
+        "{result:?}"
+    );
+    fixture.drain();
+}
+
+/// The same refusal must not depend on what is stored under the name: with a result for
+/// `Same.PNG` made from other bytes, a 1 x 1 PNG with outscale 2.2e-308 (`upload_path`'s
+/// shrunk input) was answered ALREADY_EXISTS, because the stored result was looked up
+/// before the output size was checked. The image's own faults come first now.
+#[test]
+fn regression_upload_refuses_an_empty_output_before_looking_at_the_name() {
+    let fixture = Fixture::start();
+    let upload = |bytes: Vec<u8>, outscale| {
+        let meta = UploadMeta {
+            file_name: "Same.PNG".into(),
+            model: String::new(),
+            outscale,
+            tile: None,
+            format: ResultFormat::Png,
+            overwrite: false,
+        };
+        fixture.rt.block_on(
+            fixture
+                .service
+                .upload(meta, futures::stream::iter([Ok(bytes)]).boxed()),
+        )
+    };
+    let spec = |pixels, seed| ImageSpec {
+        codec: Codec::Png,
+        pixels,
+        width: 1,
+        height: 1,
+        seed,
+        noisy: false,
+    };
+    let first = upload(spec(Pixels::Rgb8, 1).encode(), None).expect("queued");
+    let task = fixture.rt.block_on(fixture.wait_finished(&first.task_id));
+    assert_eq!(task.state, TaskState::Success, "{:?}", task.error);
+    let result = upload(
+        spec(Pixels::Gray8, 0).encode(),
+        Some(2.2250738585072014e-308),
+    );
+    assert!(
+        matches!(&result, Err(Error::InvalidArgument(m)) if m.contains("empty")),
         "{result:?}"
     );
     fixture.drain();

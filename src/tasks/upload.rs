@@ -81,6 +81,7 @@ pub(super) async fn accept(
             "the image has transparency, which JPEG output cannot store: ask for PNG".into(),
         ));
     }
+    let passes = plan(inner, &options, &received)?;
     let fingerprint = options.fingerprint(&received.sha256);
     if let Some(existing) = inner.results.meta(&meta.file_name).await? {
         if existing.fingerprint == fingerprint {
@@ -102,7 +103,7 @@ pub(super) async fn accept(
     {
         return Ok(outcome(holder, OutcomeKind::InProgress));
     }
-    let admitted = admit(inner, &meta, options, received, &task_id).await;
+    let admitted = admit(inner, &meta, options, received, passes, &task_id).await;
     if let Err(e) = &admitted {
         tracing::info!(task_id, file_name = meta.file_name, error = %e, "upload refused after locking");
         abandon(inner, &meta.file_name, &task_id).await;
@@ -247,13 +248,10 @@ fn imaging_error(e: ImagingError) -> Error {
 }
 
 /// With the lock held: move the source into place, record the task and queue it.
-async fn admit(
-    inner: &Arc<Inner>,
-    meta: &UploadMeta,
-    options: JobOptions,
-    received: Received,
-    task_id: &str,
-) -> Result<(), Error> {
+/// The network passes the task will take. The image's size is known now, so an outscale
+/// that leaves no pixel on a side is refused here, whatever is stored under the name,
+/// rather than failing in the worker.
+fn plan(inner: &Inner, options: &JobOptions, received: &Received) -> Result<usize, Error> {
     let spec = inner
         .models
         .entry(&options.model)
@@ -261,12 +259,26 @@ async fn admit(
         .spec;
     let enhance = inner.enhance_options(options.tile, options.outscale)?;
     let (w, h) = (received.width as usize, received.height as usize);
-    // The size is known now, so an outscale that leaves no pixel is refused here rather
-    // than failing in the worker.
     enhance
         .output_size(spec.scale(), w, h)
         .map_err(|e| Error::InvalidArgument(e.to_string()))?;
-    let passes = crate::pipeline::planned_passes(&spec.arch, &enhance, w, h, received.has_alpha);
+    Ok(crate::pipeline::planned_passes(
+        &spec.arch,
+        &enhance,
+        w,
+        h,
+        received.has_alpha,
+    ))
+}
+
+async fn admit(
+    inner: &Arc<Inner>,
+    meta: &UploadMeta,
+    options: JobOptions,
+    received: Received,
+    passes: usize,
+    task_id: &str,
+) -> Result<(), Error> {
     if let Queue::Shared { store, .. } = &inner.queue {
         let waiting = store.waiting().await?;
         if waiting >= inner.settings.queue_capacity as u64 {
