@@ -146,9 +146,7 @@ async fn the_page_cancels_a_queued_upload() {
         tonic::Code::NotFound,
         "a cancelled upload stores nothing"
     );
-    c.cancel_task(pb::CancelTaskRequest { task_id: blocker })
-        .await
-        .unwrap();
+    srv::cancel(&mut c, &blocker).await.unwrap();
     assert!(srv::unfinished_tasks(&place).await.is_empty());
     server.stop().await;
 }

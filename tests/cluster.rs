@@ -514,13 +514,7 @@ async fn a_task_is_cancelled_through_another_instance() {
 
     let mut c = cluster.client(asker).await;
     let asked = Instant::now();
-    let t = c
-        .cancel_task(pb::CancelTaskRequest {
-            task_id: id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let t = srv::cancel(&mut c, &id).await.unwrap();
     let took = asked.elapsed();
     eprintln!("cancel latency through another instance (x4plus, tiles of 16): {took:?}");
     assert_eq!(srv::state(&t), pb::TaskState::Cancelled, "{t:?}");

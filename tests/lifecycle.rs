@@ -46,12 +46,6 @@ async fn get(c: &mut srv::Client, id: &str) -> pb::Task {
         .into_inner()
 }
 
-async fn cancel(c: &mut srv::Client, id: &str) -> Result<pb::Task, tonic::Status> {
-    c.cancel_task(pb::CancelTaskRequest { task_id: id.into() })
-        .await
-        .map(|r| r.into_inner())
-}
-
 /// Collects a WatchTask stream until the server ends it.
 fn watch_all(c: &srv::Client, id: &str) -> tokio::task::JoinHandle<Vec<pb::Task>> {
     let mut c = c.clone();
@@ -111,7 +105,7 @@ async fn cancel_while_pending(place: Place) {
     tokio::time::sleep(Duration::from_millis(200)).await;
 
     let asked = Instant::now();
-    let cancelled = cancel(&mut c, &waiting).await.unwrap();
+    let cancelled = srv::cancel(&mut c, &waiting).await.unwrap();
     assert!(
         asked.elapsed() < Duration::from_secs(5),
         "a waiting task is cancelled at once, not after {:?}",
@@ -133,13 +127,13 @@ async fn cancel_while_pending(place: Place) {
     assert!(!has_source(&place, &waiting).await, "the upload was kept");
     let (code, _) = srv::code(srv::fetch(&mut c, "second.png").await);
     assert_eq!(code, Code::NotFound, "a cancelled task stores nothing");
-    let (code, msg) = srv::code(cancel(&mut c, &waiting).await);
+    let (code, msg) = srv::code(srv::cancel(&mut c, &waiting).await);
     assert_eq!(code, Code::FailedPrecondition, "{msg}");
 
     // The name is free, and the running task was not disturbed.
     let again = name_is_free(&mut c, srv::meta("second.png"), &bytes).await;
     assert_ne!(again, waiting);
-    cancel(&mut c, &runner).await.unwrap();
+    srv::cancel(&mut c, &runner).await.unwrap();
     assert_eq!(
         srv::state(&srv::wait_done(&mut c, &again).await),
         pb::TaskState::Success
@@ -156,7 +150,7 @@ async fn cancel_while_started(place: Place) {
     srv::wait_running(&mut c, &id).await;
 
     let asked = Instant::now();
-    let t = cancel(&mut c, &id).await.unwrap();
+    let t = srv::cancel(&mut c, &id).await.unwrap();
     let took = asked.elapsed();
     eprintln!("cancel latency, STARTED task (x4plus, tiles of 16): {took:?}");
     assert_eq!(srv::state(&t), pb::TaskState::Cancelled, "{t:?}");
@@ -192,15 +186,15 @@ async fn cancel_after_success(place: Place) {
         srv::state(&srv::wait_done(&mut c, &id).await),
         pb::TaskState::Success
     );
-    let (code, msg) = srv::code(cancel(&mut c, &id).await);
+    let (code, msg) = srv::code(srv::cancel(&mut c, &id).await);
     assert_eq!(code, Code::FailedPrecondition, "{msg}");
     assert!(msg.contains("SUCCESS"), "{msg}");
     srv::fetch(&mut c, "done.png")
         .await
         .expect("the result stays");
-    let (code, _) = srv::code(cancel(&mut c, "no-such-task").await);
+    let (code, _) = srv::code(srv::cancel(&mut c, "no-such-task").await);
     assert_eq!(code, Code::NotFound);
-    let (code, _) = srv::code(cancel(&mut c, "").await);
+    let (code, _) = srv::code(srv::cancel(&mut c, "").await);
     assert_eq!(code, Code::InvalidArgument);
     server.stop().await;
 }
@@ -260,7 +254,7 @@ async fn delete_then_upload_again(place: Place) {
     let (code, msg) = srv::code(delete(&mut c, "del.png").await);
     assert_eq!(code, Code::FailedPrecondition, "{msg}");
     assert!(msg.contains(&busy), "{msg}");
-    cancel(&mut c, &busy).await.unwrap();
+    srv::cancel(&mut c, &busy).await.unwrap();
     srv::fetch(&mut c, "del.png")
         .await
         .expect("the older result stays");
@@ -347,7 +341,7 @@ async fn orphaned_uploads_are_swept(place: Place) {
         has_source(&place, &waiting).await,
         "a live upload was swept"
     );
-    cancel(&mut c, &runner).await.unwrap();
+    srv::cancel(&mut c, &runner).await.unwrap();
     assert_eq!(
         srv::state(&srv::wait_done(&mut c, &waiting).await),
         pb::TaskState::Success
@@ -383,7 +377,7 @@ async fn queue_positions_move(place: Place) {
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     // The first waiting task leaves: the others move up.
-    cancel(&mut c, &ids[0]).await.unwrap();
+    srv::cancel(&mut c, &ids[0]).await.unwrap();
     assert_eq!(positions(c.clone(), ids[1..].to_vec()).await, [1, 2]);
     let deadline = Instant::now() + Duration::from_secs(10);
     while get(&mut c, &ids[2]).await.queue_position != 2 {
@@ -392,7 +386,7 @@ async fn queue_positions_move(place: Place) {
     }
     tokio::time::sleep(Duration::from_millis(1500)).await;
     // The head ends: the rest run in order.
-    cancel(&mut c, &runner).await.unwrap();
+    srv::cancel(&mut c, &runner).await.unwrap();
     for id in &ids[1..] {
         assert_eq!(
             srv::state(&srv::wait_done(&mut c, id).await),

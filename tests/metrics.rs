@@ -146,13 +146,7 @@ async fn counters_move_after_a_task() {
         1.0
     );
     for id in [&waiting, &running] {
-        let t = c
-            .cancel_task(pb::CancelTaskRequest {
-                task_id: id.clone(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let t = srv::cancel(&mut c, id).await.unwrap();
         assert_eq!(srv::state(&t), pb::TaskState::Cancelled);
     }
     let end = scrape_now().await.unwrap();

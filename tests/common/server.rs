@@ -266,30 +266,42 @@ pub fn state(t: &pb::Task) -> pb::TaskState {
     pb::TaskState::try_from(t.state).unwrap()
 }
 
+/// CancelTask.
+pub async fn cancel(client: &mut Client, task_id: &str) -> Result<pb::Task, tonic::Status> {
+    client
+        .cancel_task(pb::CancelTaskRequest {
+            task_id: task_id.into(),
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
 /// Polls GetTask until the task is STARTED with at least one tile done.
 pub async fn wait_running(client: &mut Client, task_id: &str) -> pb::Task {
-    let deadline = tokio::time::Instant::now() + wait_limit();
-    loop {
-        let t = client
-            .get_task(pb::GetTaskRequest {
-                task_id: task_id.into(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        if state(&t) == pb::TaskState::Started && t.tiles_done >= 1 {
-            return t;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "task never ran: {t:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    poll_task(client, task_id, "running", |t| {
+        state(t) == pb::TaskState::Started && t.tiles_done >= 1
+    })
+    .await
 }
 
 /// Polls GetTask until the task has ended (SUCCESS, FAILURE or CANCELLED).
 pub async fn wait_done(client: &mut Client, task_id: &str) -> pb::Task {
+    poll_task(client, task_id, "done", |t| {
+        matches!(
+            state(t),
+            pb::TaskState::Success | pb::TaskState::Failure | pb::TaskState::Cancelled
+        )
+    })
+    .await
+}
+
+/// Polls GetTask every 50 ms until `ready` holds, for at most `wait_limit()`.
+async fn poll_task(
+    client: &mut Client,
+    task_id: &str,
+    what: &str,
+    ready: impl Fn(&pb::Task) -> bool,
+) -> pb::Task {
     let deadline = tokio::time::Instant::now() + wait_limit();
     loop {
         let t = client
@@ -299,18 +311,15 @@ pub async fn wait_done(client: &mut Client, task_id: &str) -> pb::Task {
             .await
             .unwrap()
             .into_inner();
-        if matches!(
-            state(&t),
-            pb::TaskState::Success | pb::TaskState::Failure | pb::TaskState::Cancelled
-        ) {
+        if ready(&t) {
             return t;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "task {task_id} not done in {:?}: {t:?}",
+            "task {task_id} not {what} in {:?}: {t:?}",
             wait_limit()
         );
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
