@@ -84,25 +84,9 @@ impl EmbeddedStore {
         blocking(move || write_atomic(&dir, &name, &json)).await
     }
 
-    /// Every readable task record with its path. Files that vanish or fail to parse while we
-    /// list are skipped (with a warning for the latter): one bad record must not stop
-    /// start-up recovery of the others.
+    /// Every readable task record with its path.
     async fn all_tasks(&self) -> Result<Vec<(PathBuf, TaskRecord)>, StoreError> {
-        let mut out = Vec::new();
-        let mut entries = tokio::fs::read_dir(&self.tasks).await?;
-        while let Some(entry) = entries.next_entry().await? {
-            let path = entry.path();
-            if !is_record_file(&path) {
-                continue;
-            }
-            match self.read_task(&path).await {
-                Ok(Some(task)) => out.push((path, task)),
-                Ok(None) => {}
-                Err(StoreError::Corrupt(why)) => tracing::warn!("skipping task record: {why}"),
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(out)
+        read_all(&self.tasks).await
     }
 
     fn meta_name(file_name: &str) -> String {
@@ -303,25 +287,35 @@ impl ResultStore for EmbeddedStore {
 }
 
 impl EmbeddedStore {
-    /// Every readable result description; unreadable meta files are skipped with a warning.
+    /// Every readable result description.
     async fn all_results(&self) -> Result<Vec<ResultMeta>, StoreError> {
-        let mut out = Vec::new();
-        let mut entries = tokio::fs::read_dir(&self.results).await?;
-        while let Some(entry) = entries.next_entry().await? {
-            let path = entry.path();
-            if !is_record_file(&path) {
-                continue;
-            }
-            let Some(bytes) = read_if_exists(&path).await? else {
-                continue;
-            };
-            match serde_json::from_slice::<StoredResult>(&bytes) {
-                Ok(stored) => out.push(stored.meta),
-                Err(e) => tracing::warn!("skipping result {}: {e}", path.display()),
-            }
-        }
-        Ok(out)
+        let all: Vec<(PathBuf, StoredResult)> = read_all(&self.results).await?;
+        Ok(all.into_iter().map(|(_, stored)| stored.meta).collect())
     }
+}
+
+/// Every readable JSON record in `dir` with its path. Files that vanish while we list are
+/// skipped, and so are files that fail to parse (with a warning): one bad record must not
+/// stop start-up recovery, the sweeper or the metrics for the others.
+async fn read_all<T: serde::de::DeserializeOwned>(
+    dir: &Path,
+) -> Result<Vec<(PathBuf, T)>, StoreError> {
+    let mut out = Vec::new();
+    let mut entries = tokio::fs::read_dir(dir).await?;
+    while let Some(entry) = entries.next_entry().await? {
+        let path = entry.path();
+        if !is_record_file(&path) {
+            continue;
+        }
+        let Some(bytes) = read_if_exists(&path).await? else {
+            continue;
+        };
+        match serde_json::from_slice(&bytes) {
+            Ok(record) => out.push((path, record)),
+            Err(e) => tracing::warn!("skipping record {}: {e}", path.display()),
+        }
+    }
+    Ok(out)
 }
 
 fn sha_hex(text: &str) -> String {

@@ -90,7 +90,7 @@ pub(super) async fn cancel(inner: &Arc<Inner>, id: &str) -> Result<TaskRecord, E
 
 /// The canceller ended the task itself: free its name and delete its upload.
 async fn end_here(inner: &Arc<Inner>, done: &TaskRecord, was: TaskState) {
-    metrics::counter!(crate::metrics::CANCELLED, "state" => state_name(was)).increment(1);
+    metrics::counter!(crate::metrics::CANCELLED, "state" => was.name()).increment(1);
     tracing::info!(
         task_id = done.id,
         file_name = done.file_name,
@@ -142,7 +142,7 @@ async fn wait_stopped(inner: &Arc<Inner>, running: TaskRecord) -> Result<TaskRec
         state if state.is_terminal() => Err(Error::FailedPrecondition(format!(
             "task {} ended {} before the cancellation took effect",
             last.id,
-            state_name(state)
+            state.name()
         ))),
         // Its instance has not answered yet (paused, or cut off): it stops when it hears,
         // or whoever takes the task over ends it.
@@ -158,20 +158,10 @@ fn not_cancellable(stored: Option<TaskRecord>, id: &str) -> Error {
         None => not_found_task(id),
         Some(t) if t.state.is_terminal() => Error::FailedPrecondition(format!(
             "task {id} already ended {}; only a pending or running task can be cancelled",
-            state_name(t.state)
+            t.state.name()
         )),
         Some(_) => Error::FailedPrecondition(format!(
             "task {id} is not queued on this server; cancel it where it was uploaded"
         )),
-    }
-}
-
-pub(crate) fn state_name(state: TaskState) -> &'static str {
-    match state {
-        TaskState::Pending => "PENDING",
-        TaskState::Started => "STARTED",
-        TaskState::Success => "SUCCESS",
-        TaskState::Failure => "FAILURE",
-        TaskState::Cancelled => "CANCELLED",
     }
 }

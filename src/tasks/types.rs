@@ -18,6 +18,17 @@ impl TaskState {
     pub fn is_terminal(self) -> bool {
         matches!(self, Self::Success | Self::Failure | Self::Cancelled)
     }
+
+    /// `PENDING`, `STARTED`, ...: the name clients see, as the records store it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Pending => "PENDING",
+            Self::Started => "STARTED",
+            Self::Success => "SUCCESS",
+            Self::Failure => "FAILURE",
+            Self::Cancelled => "CANCELLED",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -109,4 +120,18 @@ pub struct ResultMeta {
     pub model: String,
     pub task_id: String,
     pub created_at_ms: i64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_names_are_the_stored_names() {
+        use TaskState::*;
+        for state in [Pending, Started, Success, Failure, Cancelled] {
+            let stored = serde_json::to_string(&state).unwrap();
+            assert_eq!(stored, format!("\"{}\"", state.name()));
+        }
+    }
 }
