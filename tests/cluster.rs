@@ -155,7 +155,7 @@ impl Cluster {
     fn start_mongo(&mut self) {
         let storage = self.dir.path().join("mongo");
         let child = Command::new(&self.secantusd)
-            .args(["--host", "127.0.0.1", "--cache-size", "256M"])
+            .args(["--host", "127.0.0.1", "--cache-size", "1G"])
             .args(["--port", &self.mongo_port.to_string()])
             .arg("--storage-path")
             .arg(&storage)
