@@ -70,7 +70,9 @@ pub struct Settings {
     #[arg(long, env = "RESULT_TTL_SECS")]
     pub result_ttl_secs: Option<u64>,
     /// Uploads that no unfinished task needs (left by an instance that died between storing
-    /// an upload and recording its task) are deleted once older than this, in seconds.
+    /// an upload and recording its task) are deleted once older than this, in seconds. The
+    /// bytes of a replaced or deleted result are kept this long too, so a fetch that was
+    /// already streaming them finishes.
     #[arg(long, env = "ORPHAN_GRACE_SECS", default_value_t = 600)]
     pub orphan_grace_secs: u64,
     /// How often the sweeper looks for expired results, orphaned uploads and expired task

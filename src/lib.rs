@@ -11,6 +11,7 @@ pub mod bench;
 pub mod client;
 pub mod config;
 pub mod events;
+mod failpoint;
 pub mod imaging;
 pub mod locks;
 pub mod metrics;

@@ -314,6 +314,9 @@ fn exit_code(err: &anyhow::Error) -> u8 {
 }
 
 fn main() -> ExitCode {
+    // Test builds only: failpoints named in FAILPOINTS (see tests/faults.rs).
+    #[cfg(feature = "failpoints")]
+    let _failpoints = fail::FailScenario::setup();
     // A `.env` file fills in settings the environment does not already set; flags override both.
     let _ = dotenvy::dotenv();
     let cli = Cli::parse();

@@ -15,7 +15,7 @@
 //! | `upscaler_served_bytes_total` | counter | |
 //! | `upscaler_results_stored` | gauge (as the store saw it at the last sweep) | |
 //! | `upscaler_result_bytes_stored` | gauge (as the store saw it at the last sweep) | |
-//! | `upscaler_swept_total` | counter | `kind`: `result` (expired), `upload` (orphaned GridFS upload), `source_file` (orphaned file in TEMP_DIR), `task_record` |
+//! | `upscaler_swept_total` | counter | `kind`: `result` (expired), `upload` (orphaned GridFS upload), `source_file` (orphaned file in TEMP_DIR), `result_blob` (bytes of a replaced or deleted result, after the grace period), `task_record` |
 //! | `upscaler_cancelled_tasks_total` | counter | `state` (PENDING or STARTED when asked) |
 
 use std::future::Future;

@@ -12,10 +12,12 @@ use std::time::{Duration, Instant};
 use futures::{FutureExt, StreamExt};
 use upscaler::locks::{memory::MemoryLocks, redis::RedisLocks, Acquire, LockManager};
 use upscaler::store::{
-    embedded::EmbeddedStore, mongo::MongoStore, Lease, LocalSources, ResultStore, SourceStore,
-    StoreError, TaskQueue, TaskStore, CHUNK_SIZE,
+    embedded::EmbeddedStore, mongo::MongoStore, Fence, Lease, LocalSources, ResultStore,
+    SourceStore, StoreError, TaskQueue, TaskStore, CHUNK_SIZE,
 };
-use upscaler::tasks::types::{JobOptions, ResultFormat, ResultMeta, TaskRecord, TaskState};
+use upscaler::tasks::types::{
+    JobOptions, Replaces, ResultFormat, ResultMeta, TaskRecord, TaskState,
+};
 
 const MONGO_VAR: &str = "UPSCALER_TEST_MONGO_URI";
 const REDIS_VAR: &str = "UPSCALER_TEST_REDIS_URL";
@@ -69,6 +71,8 @@ fn task(state: TaskState, expires_at_ms: Option<i64>) -> TaskRecord {
         expires_at_ms,
         cancel_requested: false,
         queue_position: 0,
+        run: 0,
+        replaces: Replaces::Nothing,
     }
 }
 
@@ -84,8 +88,12 @@ fn meta(file_name: &str, bytes: &[u8]) -> ResultMeta {
         model: "RealESRGAN_x4plus".into(),
         task_id: unique(),
         created_at_ms: 1_700_000_000_000,
+        run: 0,
     }
 }
+
+/// These store tests replace freely; the fencing rules have their own test.
+const ANY: &Replaces = &Replaces::Any;
 
 /// Incompressible test bytes without a `rand` dependency (xorshift64*).
 fn random_bytes(len: usize) -> Vec<u8> {
@@ -184,7 +192,10 @@ async fn result_roundtrip(store: &dyn ResultStore) {
 
     let first = random_bytes(2 * MIB + 12345);
     let first_meta = meta(&name, &first);
-    store.put(&first_meta, first.clone()).await.unwrap();
+    store
+        .put(&first_meta, first.clone(), ANY, &Fence::NONE)
+        .await
+        .unwrap();
     assert_eq!(store.meta(&name).await.unwrap().as_ref(), Some(&first_meta));
     let (got_meta, got) = read_back(store, &name).await.unwrap();
     assert_eq!(got_meta, first_meta);
@@ -192,7 +203,10 @@ async fn result_roundtrip(store: &dyn ResultStore) {
 
     let second = random_bytes(MIB / 3);
     let second_meta = meta(&name, &second);
-    store.put(&second_meta, second.clone()).await.unwrap();
+    store
+        .put(&second_meta, second.clone(), ANY, &Fence::NONE)
+        .await
+        .unwrap();
     assert_eq!(
         store.meta(&name).await.unwrap().as_ref(),
         Some(&second_meta)
@@ -203,7 +217,7 @@ async fn result_roundtrip(store: &dyn ResultStore) {
 
     let empty_name = format!("{}.png", unique());
     store
-        .put(&meta(&empty_name, &[]), Vec::new())
+        .put(&meta(&empty_name, &[]), Vec::new(), ANY, &Fence::NONE)
         .await
         .unwrap();
     assert_eq!(
@@ -214,7 +228,7 @@ async fn result_roundtrip(store: &dyn ResultStore) {
     let mut lying = meta(&name, &first);
     lying.size += 1;
     assert!(
-        store.put(&lying, first).await.is_err(),
+        store.put(&lying, first, ANY, &Fence::NONE).await.is_err(),
         "size mismatch accepted"
     );
     assert_eq!(read_back(store, &name).await.unwrap().1, second);
@@ -224,7 +238,7 @@ async fn large_result(store: &dyn ResultStore) {
     let name = format!("{}.png", unique());
     let bytes = random_bytes(17 * MIB);
     store
-        .put(&meta(&name, &bytes), bytes.clone())
+        .put(&meta(&name, &bytes), bytes.clone(), ANY, &Fence::NONE)
         .await
         .unwrap();
     let (_, mut chunks) = store.open(&name).await.unwrap().unwrap();
@@ -244,13 +258,21 @@ async fn replace_while_reading(store: &dyn ResultStore) {
     let name = format!("{}.png", unique());
     let versions = [random_bytes(MIB + 7), random_bytes(2 * MIB + 3)];
     store
-        .put(&meta(&name, &versions[0]), versions[0].clone())
+        .put(
+            &meta(&name, &versions[0]),
+            versions[0].clone(),
+            ANY,
+            &Fence::NONE,
+        )
         .await
         .unwrap();
     let writer = async {
         for i in 1..=10 {
             let bytes = &versions[i % 2];
-            store.put(&meta(&name, bytes), bytes.clone()).await.unwrap();
+            store
+                .put(&meta(&name, bytes), bytes.clone(), ANY, &Fence::NONE)
+                .await
+                .unwrap();
         }
     };
     let reader = async {
@@ -263,6 +285,61 @@ async fn replace_while_reading(store: &dyn ResultStore) {
     futures::join!(writer, reader);
 }
 
+/// The result write is a compare-and-swap: a task replaces only what it was admitted to
+/// replace, or an earlier run of its own; anything else is `Conflict` and changes nothing.
+async fn fenced_result_writes(store: &dyn ResultStore) {
+    let name = format!("{}.png", unique());
+    let write = |task: &str, run: u64, bytes: &[u8]| {
+        let mut m = meta(&name, bytes);
+        m.task_id = task.to_string();
+        m.run = run;
+        m
+    };
+    let (a, b) = (unique(), unique());
+    let conflict = |r: Result<(), StoreError>| matches!(r, Err(StoreError::Conflict(_)));
+    let first = random_bytes(1000);
+    let nothing = &Replaces::Nothing;
+    store
+        .put(&write(&a, 1, &first), first.clone(), nothing, &Fence::NONE)
+        .await
+        .unwrap();
+    // Admitted when nothing was stored, while A stored meanwhile: refused.
+    let late = random_bytes(900);
+    assert!(conflict(
+        store
+            .put(&write(&b, 1, &late), late.clone(), nothing, &Fence::NONE)
+            .await
+    ));
+    // A's own later run may replace A's result; B admitted to replace A's may.
+    let rerun = random_bytes(800);
+    store
+        .put(&write(&a, 2, &rerun), rerun.clone(), nothing, &Fence::NONE)
+        .await
+        .unwrap();
+    let newest = random_bytes(700);
+    let over_a = &Replaces::Result(a.clone());
+    store
+        .put(&write(&b, 1, &newest), newest.clone(), over_a, &Fence::NONE)
+        .await
+        .unwrap();
+    // A stale run of A, and a stale run of B, come too late.
+    assert!(conflict(
+        store
+            .put(&write(&a, 2, &rerun), rerun.clone(), nothing, &Fence::NONE)
+            .await
+    ));
+    let mut stale_b = write(&b, 0, &late);
+    stale_b.created_at_ms += 1;
+    assert!(conflict(
+        store
+            .put(&stale_b, late.clone(), nothing, &Fence::NONE)
+            .await
+    ));
+    let (m, bytes) = read_back(store, &name).await.unwrap();
+    assert_eq!((m.task_id.as_str(), m.run), (b.as_str(), 1));
+    assert_eq!(bytes, newest);
+}
+
 /// Deleting a result (plain, and only while it is still a given task's), listing the old
 /// ones for expiry, and the totals. Needs a store with no other results.
 async fn result_deletion_and_expiry(store: &dyn ResultStore) {
@@ -272,8 +349,14 @@ async fn result_deletion_and_expiry(store: &dyn ResultStore) {
     old.created_at_ms = 1_000;
     let mut young = meta(&young_name, &young_bytes);
     young.created_at_ms = 5_000;
-    store.put(&young, young_bytes.clone()).await.unwrap();
-    store.put(&old, old_bytes.clone()).await.unwrap();
+    store
+        .put(&young, young_bytes.clone(), ANY, &Fence::NONE)
+        .await
+        .unwrap();
+    store
+        .put(&old, old_bytes.clone(), ANY, &Fence::NONE)
+        .await
+        .unwrap();
     assert_eq!(
         store.usage().await.unwrap(),
         (2, (old_bytes.len() + young_bytes.len()) as u64)
@@ -321,7 +404,10 @@ async fn result_deletion_and_expiry(store: &dyn ResultStore) {
         Some(young.clone())
     );
     assert_eq!(store.usage().await.unwrap(), (0, 0));
-    store.put(&young, young_bytes.clone()).await.unwrap();
+    store
+        .put(&young, young_bytes.clone(), ANY, &Fence::NONE)
+        .await
+        .unwrap();
     assert_eq!(read_back(store, &young_name).await.unwrap().1, young_bytes);
 }
 
@@ -454,6 +540,7 @@ async fn embedded_results() {
     result_roundtrip(&store).await;
     large_result(&store).await;
     replace_while_reading(&store).await;
+    fenced_result_writes(&store).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -481,9 +568,15 @@ async fn embedded_names_never_reach_the_file_system() {
     store.insert(&evil).await.unwrap();
     let bytes = random_bytes(1000);
     for _ in 0..2 {
-        ResultStore::put(&store, &meta("../escaped.png", &bytes), bytes.clone())
-            .await
-            .unwrap();
+        ResultStore::put(
+            &store,
+            &meta("../escaped.png", &bytes),
+            bytes.clone(),
+            ANY,
+            &Fence::NONE,
+        )
+        .await
+        .unwrap();
     }
     assert_eq!(store.get("../../escaped").await.unwrap(), Some(evil));
 
@@ -627,17 +720,55 @@ async fn mongo_results() {
         result_roundtrip(&store).await;
         large_result(&store).await;
         replace_while_reading(&store).await;
-        // Every replaced blob was deleted: one GridFS file per stored result remains.
+        fenced_result_writes(&store).await;
+        // Replaced and refused blobs are kept for the grace period, then swept: one GridFS
+        // file per stored result remains.
         let results = db.collection::<mongodb::bson::Document>("results");
         let files = db.collection::<mongodb::bson::Document>("results.files");
         let stored = results
             .count_documents(mongodb::bson::doc! {})
             .await
             .unwrap();
+        let count = || files.count_documents(mongodb::bson::doc! {});
+        assert!(count().await.unwrap() > stored);
         assert_eq!(
-            files.count_documents(mongodb::bson::doc! {}).await.unwrap(),
-            stored
+            store.sweep_blobs(Duration::from_secs(3600)).await.unwrap(),
+            0
         );
+        assert!(store.sweep_blobs(Duration::ZERO).await.unwrap() > 0);
+        assert_eq!(count().await.unwrap(), stored);
+    })
+    .await;
+}
+
+/// A fetch that is streaming a large result when a new one replaces it (and a sweep runs)
+/// still gets every byte of the version it opened: the old bytes outlive the swap by the
+/// grace period.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mongo_streaming_fetch_survives_a_replacement() {
+    with_mongo(|store, _db| async move {
+        let name = format!("{}.png", unique());
+        // Well past what one server reply carries (16 MiB), so most of it is read after
+        // the swap.
+        let old = random_bytes(40 * MIB + 11);
+        ResultStore::put(&store, &meta(&name, &old), old.clone(), ANY, &Fence::NONE)
+            .await
+            .unwrap();
+        let (_, mut chunks) = store.open(&name).await.unwrap().unwrap();
+        let mut read = chunks.next().await.unwrap().unwrap();
+        let new = random_bytes(MIB);
+        ResultStore::put(&store, &meta(&name, &new), new.clone(), ANY, &Fence::NONE)
+            .await
+            .unwrap();
+        assert_eq!(
+            store.sweep_blobs(Duration::from_secs(600)).await.unwrap(),
+            0
+        );
+        while let Some(chunk) = chunks.next().await {
+            read.extend(chunk.expect("the old version stays readable"));
+        }
+        assert!(read == old, "got the whole old version");
+        assert_eq!(read_back(&store, &name).await.unwrap().1, new);
     })
     .await;
 }
@@ -646,7 +777,8 @@ async fn mongo_results() {
 async fn mongo_result_deletion_and_expiry() {
     with_mongo(|store, db| async move {
         result_deletion_and_expiry(&store).await;
-        // Deleted results took their blobs with them.
+        // Deleted results' blobs go with the next sweep past the grace period.
+        store.sweep_blobs(Duration::ZERO).await.unwrap();
         let files = db.collection::<mongodb::bson::Document>("results.files");
         assert_eq!(
             files.count_documents(mongodb::bson::doc! {}).await.unwrap(),
@@ -683,6 +815,7 @@ async fn mongo_queue_cancel_and_positions() {
         let claimed = store.claim("worker-a", lease).await.unwrap().unwrap();
         assert_eq!(claimed.id, waiting[0].id);
         assert!(!claimed.cancel_requested);
+        assert_eq!(claimed.run, 1, "the first claim is run 1");
         assert_eq!(store.position(&waiting[1]).await.unwrap(), 1);
         assert_eq!(store.position(&waiting[2]).await.unwrap(), 2);
 
@@ -698,22 +831,23 @@ async fn mongo_queue_cancel_and_positions() {
         );
         assert_eq!(
             store
-                .renew_lease(&claimed.id, "worker-a", lease)
+                .renew_lease(&claimed.id, claimed.run, lease)
                 .await
                 .unwrap(),
             Lease::CancelRequested
         );
         assert_eq!(
-            store.put_leased(&claimed, "worker-a").await.unwrap(),
+            store.put_leased(&claimed, claimed.run).await.unwrap(),
             Lease::CancelRequested,
             "saving a record does not clear the mark"
         );
         assert_eq!(
             store
-                .renew_lease(&claimed.id, "worker-b", lease)
+                .renew_lease(&claimed.id, claimed.run + 1, lease)
                 .await
                 .unwrap(),
-            Lease::Lost
+            Lease::Lost,
+            "another run's token does not hold it"
         );
 
         // Cancelling a waiting task: the canceller ends it, and it is never claimed.
@@ -747,6 +881,58 @@ async fn mongo_queue_cancel_and_positions() {
         assert_eq!(next.id, waiting[2].id, "the cancelled task was skipped");
         assert!(store.claim("worker-b", lease).await.unwrap().is_none());
         assert_eq!(store.waiting().await.unwrap(), 0);
+    })
+    .await;
+}
+
+/// Each claim raises the record's run; once a lease lapses (by the server's clock) and the
+/// task is claimed again, the earlier run can neither renew, save nor give it back.
+#[tokio::test]
+async fn mongo_claims_fence_earlier_runs() {
+    with_mongo(|store, _db| async move {
+        let t = task(TaskState::Pending, None);
+        store.insert(&t).await.unwrap();
+        let first = store
+            .claim("a", Duration::from_millis(300))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(first.run, 1);
+        assert!(
+            store
+                .claim("b", Duration::from_secs(60))
+                .await
+                .unwrap()
+                .is_none(),
+            "a live lease is not taken"
+        );
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        let second = store
+            .claim("b", Duration::from_secs(60))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((second.id.as_str(), second.run), (t.id.as_str(), 2));
+        let lease = Duration::from_secs(60);
+        assert_eq!(
+            store.renew_lease(&t.id, 1, lease).await.unwrap(),
+            Lease::Lost
+        );
+        let mut stale = first.clone();
+        stale.state = TaskState::Success;
+        assert_eq!(store.put_leased(&stale, 1).await.unwrap(), Lease::Lost);
+        assert!(!store.unlease(&stale, 1).await.unwrap());
+        assert_eq!(
+            store.get(&t.id).await.unwrap().unwrap().state,
+            TaskState::Pending
+        );
+        assert_eq!(
+            store.renew_lease(&t.id, 2, lease).await.unwrap(),
+            Lease::Held
+        );
+        let found = store.unfinished_named(&t.file_name).await.unwrap().unwrap();
+        assert_eq!(found.id, t.id);
+        assert!(store.unfinished_named("other.png").await.unwrap().is_none());
     })
     .await;
 }

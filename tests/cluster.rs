@@ -9,299 +9,14 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::server::{self as srv, connect, free_port};
-use futures::StreamExt;
+use common::cluster::{get, upload, watch_to_end, Cluster};
+use common::server as srv;
 use mongodb::bson::doc;
-use tonic::transport::Channel;
-use tonic_health::pb::{
-    health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
-};
+use sha2::Digest;
+use tonic_health::pb::health_check_response::ServingStatus;
 use upscaler::api::pb;
-
-/// Lock and lease TTL of the test instances: a dead instance's task is claimable this soon.
-const TTL_SECS: &str = "3";
-const DB: &str = "upscaler_cluster";
-
-/// A child process killed when dropped (tests stop what they start, by PID).
-struct Proc(Child);
-
-impl Proc {
-    fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .arg(sig)
-            .arg(self.0.id().to_string())
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "kill {sig} {} failed", self.0.id());
-    }
-
-    /// SIGTERM (or SIGKILL), then reap.
-    fn stop(mut self, sig: &str) {
-        self.signal(sig);
-        let _ = self.0.wait();
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn wait_port(port: u16, what: &str) {
-    for _ in 0..200 {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("{what} did not open port {port}");
-}
-
-/// The path of the Mongo-wire server, or `None` (loudly) when this machine lacks one; under
-/// CI a missing server fails the test.
-fn secantusd(test: &str) -> Option<PathBuf> {
-    let found = std::env::var_os("UPSCALER_TEST_SECANTUSD").map(PathBuf::from);
-    let redis = Command::new("redis-server")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    match found {
-        Some(p) if p.exists() && redis => Some(p),
-        _ => common::skip_or_fail(&format!(
-            "{test}: needs redis-server on PATH and UPSCALER_TEST_SECANTUSD (a Mongo-wire server); scripts/test-with-services sets both"
-        )),
-    }
-}
-
-/// Held by the cluster that runs now. Each cluster's instances use every core, so clusters
-/// started side by side (the test harness runs tests in parallel) slow each other down past
-/// the tests' time limits on a small machine; they take turns instead.
-static ONE_CLUSTER_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-/// One Redis, one Mongo-wire server and N service instances, all on loopback.
-struct Cluster {
-    dir: tempfile::TempDir,
-    secantusd: PathBuf,
-    redis_port: u16,
-    mongo_port: u16,
-    redis: Option<Proc>,
-    mongo: Option<Proc>,
-    instances: Vec<Instance>,
-    /// Last, so it is released after every process above has been stopped.
-    _turn: std::sync::MutexGuard<'static, ()>,
-}
-
-struct Instance {
-    port: u16,
-    log: PathBuf,
-    proc: Option<Proc>,
-}
-
-impl Cluster {
-    async fn start(test: &str, instances: usize) -> Option<Self> {
-        let secantusd = secantusd(test)?;
-        // A test that failed while holding the turn poisons the lock; the next may go on.
-        let turn = ONE_CLUSTER_AT_A_TIME
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let mut c = Self {
-            dir: tempfile::tempdir().unwrap(),
-            secantusd,
-            redis_port: free_port(),
-            mongo_port: free_port(),
-            redis: None,
-            mongo: None,
-            instances: Vec::new(),
-            _turn: turn,
-        };
-        c.start_redis();
-        c.start_mongo();
-        for i in 0..instances {
-            let port = free_port();
-            let log = c.dir.path().join(format!("instance-{i}.log"));
-            let proc = c.spawn_instance(i, port, &log);
-            c.instances.push(Instance {
-                port,
-                log,
-                proc: Some(proc),
-            });
-        }
-        for i in &c.instances {
-            connect(i.port).await;
-        }
-        Some(c)
-    }
-
-    fn start_redis(&mut self) {
-        let child = Command::new("redis-server")
-            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .args(["--port", &self.redis_port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server starts");
-        self.redis = Some(Proc(child));
-        wait_port(self.redis_port, "redis-server");
-    }
-
-    fn start_mongo(&mut self) {
-        let storage = self.dir.path().join("mongo");
-        let child = Command::new(&self.secantusd)
-            .args(["--host", "127.0.0.1", "--cache-size", "1G"])
-            .args(["--port", &self.mongo_port.to_string()])
-            .arg("--storage-path")
-            .arg(&storage)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("the Mongo-wire server starts");
-        self.mongo = Some(Proc(child));
-        wait_port(self.mongo_port, "the Mongo-wire server");
-    }
-
-    fn mongo_uri(&self) -> String {
-        format!(
-            "mongodb://127.0.0.1:{}/?directConnection=true",
-            self.mongo_port
-        )
-    }
-
-    fn spawn_instance(&self, i: usize, port: u16, log: &Path) -> Proc {
-        let root = self.dir.path().join(format!("instance-{i}"));
-        let log = std::fs::File::create(log).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_upscaler"))
-            .arg("serve")
-            .current_dir(common::root())
-            .env_clear()
-            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            .env("LISTEN_ADDR", format!("127.0.0.1:{port}"))
-            .env("DATA_DIR", root.join("data"))
-            .env("TEMP_DIR", root.join("tmp"))
-            .env("DEFAULT_MODEL", "realesrgan-x4plus")
-            .env(
-                "REDIS_URL",
-                format!("redis://127.0.0.1:{}", self.redis_port),
-            )
-            .env("MONGO_URI", self.mongo_uri())
-            .env("MONGO_DATABASE", DB)
-            .env("LOCK_TTL_SECS", TTL_SECS)
-            .env("LOG_LEVEL", "info")
-            .env("LOG_FORMAT", "json")
-            .env("HOSTNAME", format!("instance-{i}"))
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        Proc(child)
-    }
-
-    async fn client(&self, i: usize) -> srv::Client {
-        connect(self.instances[i].port).await
-    }
-
-    fn log(&self, i: usize) -> String {
-        std::fs::read_to_string(&self.instances[i].log).unwrap_or_default()
-    }
-
-    /// The instance whose log says it started `task_id` most recently, if any.
-    fn runner(&self, task_id: &str) -> Option<usize> {
-        (0..self.instances.len()).find(|&i| {
-            self.instances[i].proc.is_some()
-                && self
-                    .log(i)
-                    .lines()
-                    .any(|l| l.contains(task_id) && l.contains("task started"))
-        })
-    }
-
-    async fn health(&self, i: usize) -> Option<ServingStatus> {
-        let url = format!("http://127.0.0.1:{}", self.instances[i].port);
-        let channel = Channel::from_shared(url).unwrap().connect().await.ok()?;
-        let req = HealthCheckRequest {
-            service: "upscaler.v1.Upscaler".into(),
-        };
-        let status = HealthClient::new(channel).check(req).await.ok()?;
-        ServingStatus::try_from(status.into_inner().status).ok()
-    }
-
-    /// Waits until every live instance reports `want`.
-    async fn wait_health(&self, want: ServingStatus, within: Duration) {
-        let deadline = Instant::now() + within;
-        loop {
-            let mut all = true;
-            for i in 0..self.instances.len() {
-                if self.instances[i].proc.is_some() && self.health(i).await != Some(want) {
-                    all = false;
-                }
-            }
-            if all {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "health never became {want:?} within {within:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
-
-    async fn mongo(&self) -> mongodb::Database {
-        mongodb::Client::with_uri_str(self.mongo_uri())
-            .await
-            .unwrap()
-            .database(DB)
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            for i in 0..self.instances.len() {
-                eprintln!("---- instance {i} log ----\n{}", self.log(i));
-            }
-        }
-    }
-}
-
-fn get(id: &str) -> pb::GetTaskRequest {
-    pb::GetTaskRequest { task_id: id.into() }
-}
-
-/// Uploads a small x4plus job (about `tiles` tiles of 16 px) through `client`.
-async fn upload(client: &mut srv::Client, name: &str, side: u32, seed: u8) -> String {
-    let meta = pb::UploadMetadata {
-        tile: Some(16),
-        ..srv::meta(name)
-    };
-    let r = srv::upload(client, meta, &srv::png(side, side, seed))
-        .await
-        .unwrap();
-    assert_eq!(srv::outcome(&r), pb::UploadOutcome::Queued, "{r:?}");
-    r.task_id
-}
-
-/// Follows a task with WatchTask until it ends; returns the states seen.
-async fn watch_to_end(client: &mut srv::Client, id: &str) -> Vec<pb::Task> {
-    let mut stream = client
-        .watch_task(pb::WatchTaskRequest { task_id: id.into() })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut seen = Vec::new();
-    let limit = srv::wait_limit() * 2;
-    while let Ok(Some(msg)) = tokio::time::timeout(limit, stream.next()).await {
-        seen.push(msg.unwrap());
-    }
-    seen
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn any_instance_answers_any_rpc_and_work_spreads() {
@@ -373,7 +88,10 @@ async fn an_instance_killed_mid_task_is_taken_over() {
     // 128x128 in 16 px tiles: 64 tiles, several seconds of work.
     let id = upload(&mut a, "takeover.png", 128, 7).await;
     srv::wait_running(&mut a, &id).await;
-    let victim = cluster.runner(&id).expect("some instance runs the task");
+    let victim = cluster
+        .runner(&id)
+        .await
+        .expect("some instance runs the task");
     let survivor = (victim + 1) % 3;
     let mut watcher = cluster.client(survivor).await;
     let watch = tokio::spawn({
@@ -386,7 +104,7 @@ async fn an_instance_killed_mid_task_is_taken_over() {
     let seen = watch.await.unwrap();
     let last = seen.last().expect("WatchTask sent something");
     assert_eq!(srv::state(last), pb::TaskState::Success, "{seen:?}");
-    let taker = cluster.runner(&id).expect("a survivor ran the task");
+    let taker = cluster.runner(&id).await.expect("a survivor ran the task");
     assert_ne!(taker, victim);
     assert!(
         cluster.log(taker).contains("\"takeover\":true"),
@@ -398,17 +116,16 @@ async fn an_instance_killed_mid_task_is_taken_over() {
     assert_eq!(meta.task_id, id);
     assert_eq!((meta.width, meta.height), (512, 512));
     assert_eq!(bytes.len() as u64, meta.size);
-    // Exactly one result: one record and one blob for the name, no source left behind.
+    // Two runs (the victim's and the taker's, counted by the record's fencing token), of
+    // which exactly one reached the store; no source is left behind.
+    let record = cluster.record(&id).await.expect("the task's record");
+    assert_eq!(record.get_i64("run").ok(), Some(2), "{record:?}");
+    assert_eq!(cluster.stored_runs(&id), 1, "one run stored a result");
     let db = cluster.mongo().await;
     let count = |coll: &str, filter| {
         let coll = db.collection::<mongodb::bson::Document>(coll);
         async move { coll.count_documents(filter).await.unwrap() }
     };
-    assert_eq!(count("results", doc! { "_id": "takeover.png" }).await, 1);
-    assert_eq!(
-        count("results.files", doc! { "filename": "takeover.png" }).await,
-        1
-    );
     assert_eq!(count("uploads.files", doc! {}).await, 0);
 }
 
@@ -464,21 +181,38 @@ async fn survive_outage(test: &str, which: &str) {
     let mut b = cluster.client(1).await;
     let done = srv::wait_done(&mut b, &id).await;
     assert_eq!(srv::state(&done), pb::TaskState::Success, "{done:?}");
-    let (meta, _, _) = srv::fetch(&mut a, "outage.png").await.unwrap();
+    let (meta, bytes, _) = srv::fetch(&mut a, "outage.png").await.unwrap();
     assert_eq!((meta.width, meta.height), (512, 512));
+    assert_eq!(meta.task_id, id);
+    assert_eq!(
+        upscaler::tasks::types::hex(&sha2::Sha256::digest(&bytes)),
+        meta.sha256
+    );
+    // However many runs the outage cost, exactly one reached the store, and the task's
+    // upload and name were freed at its end.
+    assert_eq!(cluster.stored_runs(&id), 1, "one run stored a result");
+    let db = cluster.mongo().await;
+    let uploads = db.collection::<mongodb::bson::Document>("uploads.files");
+    assert_eq!(uploads.count_documents(doc! {}).await.unwrap(), 0);
+    let again = srv::upload(
+        &mut b,
+        pb::UploadMetadata {
+            tile: Some(16),
+            ..srv::meta("outage.png")
+        },
+        &srv::png(128, 128, 9),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        srv::outcome(&again),
+        pb::UploadOutcome::AlreadyProcessed,
+        "{again:?}"
+    );
     // And new work is accepted again.
     let id2 = upload(&mut b, "after.png", 32, 3).await;
     let done = srv::wait_done(&mut a, &id2).await;
     assert_eq!(srv::state(&done), pb::TaskState::Success, "{done:?}");
-}
-
-impl Cluster {
-    /// A client of instance `i` without waiting for its core to answer.
-    async fn client_unchecked(&self, i: usize) -> srv::Client {
-        let url = format!("http://127.0.0.1:{}", self.instances[i].port);
-        let channel = Channel::from_shared(url).unwrap().connect().await.unwrap();
-        pb::upscaler_client::UpscalerClient::new(channel)
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -503,7 +237,10 @@ async fn a_task_is_cancelled_through_another_instance() {
     let mut a = cluster.client(0).await;
     let id = upload(&mut a, "cancelled.png", 128, 11).await;
     srv::wait_running(&mut a, &id).await;
-    let runner = cluster.runner(&id).expect("some instance runs the task");
+    let runner = cluster
+        .runner(&id)
+        .await
+        .expect("some instance runs the task");
     let (asker, watcher) = ((runner + 1) % 3, (runner + 2) % 3);
     let mut w = cluster.client(watcher).await;
     let watch = tokio::spawn({

@@ -70,7 +70,7 @@ fn watch_all(c: &srv::Client, id: &str) -> tokio::task::JoinHandle<Vec<pb::Task>
 /// Whether the upload of task `id` is still stored (a file in TEMP_DIR, or GridFS `uploads`).
 async fn has_source(place: &Place, id: &str) -> bool {
     match &place.backend {
-        Backend::Embedded => place.temp_dir.join(format!("{id}.src")).exists(),
+        Backend::Embedded => place.work_dir().join(format!("{id}.src")).exists(),
         Backend::Real { mongo_uri, .. } => mongo(place, mongo_uri)
             .await
             .source(id)
@@ -308,7 +308,7 @@ async fn orphaned_uploads_are_swept(place: Place) {
     std::fs::write(&planted, png(8, 8, 8)).unwrap();
     match &place.backend {
         Backend::Embedded => {
-            let path = place.temp_dir.join(format!("{orphan}.src"));
+            let path = place.work_dir().join(format!("{orphan}.src"));
             std::fs::copy(&planted, &path).unwrap();
             let an_hour_ago = std::time::SystemTime::now() - Duration::from_secs(3600);
             std::fs::File::options()

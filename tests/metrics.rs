@@ -98,7 +98,9 @@ async fn counters_move_after_a_task() {
 
     // The sweeper's view of the store, and what it swept: an upload left in TEMP_DIR by a
     // crash, an hour old.
-    let orphan = place.temp_dir.join(format!("{}.src", uuid::Uuid::new_v4()));
+    let orphan = place
+        .work_dir()
+        .join(format!("{}.src", uuid::Uuid::new_v4()));
     std::fs::write(&orphan, &bytes).unwrap();
     std::fs::File::options()
         .write(true)

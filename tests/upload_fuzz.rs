@@ -1058,7 +1058,7 @@ impl Fixture {
         settings.max_pixels = SERVICE_MAX_PIXELS;
         settings.max_upload_bytes = SERVICE_MAX_UPLOAD_BYTES;
         settings.validate().unwrap();
-        let temp_dir = settings.temp_dir.clone();
+        let temp_dir = upscaler::tasks::work_dir(&settings, None);
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()

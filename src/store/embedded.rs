@@ -20,8 +20,10 @@ use sha2::{Digest, Sha256};
 use tokio::sync::Mutex;
 use tokio_util::compat::TokioAsyncReadCompatExt;
 
-use super::{check_size, read_chunks, ChunkStream, ResultStore, StoreError, TaskStore};
-use crate::tasks::types::{hex, ResultMeta, TaskRecord, TaskState};
+use super::{
+    check_size, may_replace, read_chunks, ChunkStream, Fence, ResultStore, StoreError, TaskStore,
+};
+use crate::tasks::types::{hex, Replaces, ResultMeta, TaskRecord, TaskState};
 
 const TMP_PREFIX: &str = ".tmp-";
 
@@ -173,7 +175,13 @@ impl ResultStore for EmbeddedStore {
         Ok(self.read_result(file_name).await?.map(|stored| stored.meta))
     }
 
-    async fn put(&self, meta: &ResultMeta, bytes: Vec<u8>) -> Result<(), StoreError> {
+    async fn put(
+        &self,
+        meta: &ResultMeta,
+        bytes: Vec<u8>,
+        replaces: &Replaces,
+        fence: &Fence,
+    ) -> Result<(), StoreError> {
         check_size(meta, bytes.len())?;
         let hash = sha_hex(&meta.file_name);
         let stored = StoredResult {
@@ -191,7 +199,21 @@ impl ResultStore for EmbeddedStore {
 
         let swapped = {
             let _guard = self.result_writes.lock().await;
+            if let Err(e) = fence.check().await {
+                let _ = tokio::fs::remove_file(self.results.join(&new_blob)).await;
+                return Err(e);
+            }
             let old = self.read_result(&meta.file_name).await;
+            if let Ok(Some(old)) = &old {
+                let (task, run) = (&old.meta.task_id, old.meta.run);
+                if !may_replace(replaces, &meta.task_id, meta.run, task, run) {
+                    let _ = tokio::fs::remove_file(self.results.join(&new_blob)).await;
+                    return Err(StoreError::Conflict(format!(
+                        "a newer result is stored under `{}`",
+                        meta.file_name
+                    )));
+                }
+            }
             let dir = self.results.clone();
             let meta_name = Self::meta_name(&meta.file_name);
             blocking(move || write_atomic(&dir, &meta_name, &json))

@@ -9,10 +9,11 @@ pub mod mongo;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use futures::io::{AsyncRead, AsyncReadExt};
 use futures::stream::BoxStream;
 
-use crate::tasks::types::{ResultMeta, TaskRecord};
+use crate::tasks::types::{Replaces, ResultMeta, TaskRecord};
 
 /// Results are streamed out in chunks of at most this many bytes.
 pub const CHUNK_SIZE: usize = 1 << 20;
@@ -25,6 +26,9 @@ pub enum StoreError {
     Corrupt(String),
     #[error("a task with id {0} already exists")]
     Duplicate(String),
+    /// A conditional write found something else in place (a newer result, another run).
+    #[error("{0}")]
+    Conflict(String),
     #[error("storage I/O error: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -53,9 +57,18 @@ pub trait TaskStore: Send + Sync {
 #[async_trait::async_trait]
 pub trait ResultStore: Send + Sync {
     async fn meta(&self, file_name: &str) -> Result<Option<ResultMeta>, StoreError>;
-    /// Stores `bytes` under `meta.file_name`, replacing any earlier result of that name.
+    /// Stores `bytes` under `meta.file_name` if what is stored there now is what `replaces`
+    /// allows, or a result of an earlier (or the same) run of the same task; otherwise
+    /// nothing changes and the answer is `Conflict`. `fence` is asked after the bytes are
+    /// written and right before the swap; its error is returned and nothing is stored.
     /// Readers see the old result or the new one, never a mix.
-    async fn put(&self, meta: &ResultMeta, bytes: Vec<u8>) -> Result<(), StoreError>;
+    async fn put(
+        &self,
+        meta: &ResultMeta,
+        bytes: Vec<u8>,
+        replaces: &Replaces,
+        fence: &Fence,
+    ) -> Result<(), StoreError>;
     /// The result and its bytes as chunks of at most `CHUNK_SIZE`.
     async fn open(&self, file_name: &str) -> Result<Option<(ResultMeta, ChunkStream)>, StoreError>;
     /// Deletes the result stored under `file_name` and its bytes; with `made_by`, only while
@@ -75,11 +88,55 @@ pub trait ResultStore: Send + Sync {
     ) -> Result<Vec<ResultMeta>, StoreError>;
     /// How many results are stored, and their total size in bytes.
     async fn usage(&self) -> Result<(u64, u64), StoreError>;
+    /// Deletes the bytes of results replaced or deleted more than `grace` ago (kept that
+    /// long for reads that opened them before), and bytes that no result ever came to use;
+    /// how many blobs went. Stores whose readers keep deleted bytes readable do nothing.
+    async fn sweep_blobs(&self, _grace: Duration) -> Result<u64, StoreError> {
+        Ok(0)
+    }
 }
 
-/// The work queue shared by several instances: the task records themselves, each claimed by
-/// one worker under a lease that the worker keeps renewing. A task whose lease runs out (its
-/// worker died) can be claimed again, so no task is lost with an instance.
+/// A writer's last check before a result swap: whether it may still write (in shared mode,
+/// whether its run still holds the task).
+pub struct Fence(Option<FenceCheck>);
+
+type FenceCheck = Box<dyn Fn() -> BoxFuture<'static, Result<(), StoreError>> + Send + Sync>;
+
+impl Fence {
+    /// No check: the writer may always write.
+    pub const NONE: Fence = Fence(None);
+
+    pub fn new(
+        check: impl Fn() -> BoxFuture<'static, Result<(), StoreError>> + Send + Sync + 'static,
+    ) -> Self {
+        Self(Some(Box::new(check)))
+    }
+
+    pub async fn check(&self) -> Result<(), StoreError> {
+        match &self.0 {
+            Some(check) => check().await,
+            None => Ok(()),
+        }
+    }
+}
+
+/// Whether a result made by `task_id` in run `run` may replace `stored` (made by
+/// `stored_task` in run `stored_run`), given what the task was allowed to replace.
+pub fn may_replace(
+    replaces: &Replaces,
+    task_id: &str,
+    run: u64,
+    stored_task: &str,
+    stored_run: u64,
+) -> bool {
+    (stored_task == task_id && stored_run <= run)
+        || match replaces {
+            Replaces::Nothing => false,
+            Replaces::Result(id) => id == stored_task,
+            Replaces::Any => true,
+        }
+}
+
 /// What a worker learns when it renews its lease or saves under it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Lease {
@@ -91,22 +148,25 @@ pub enum Lease {
     Lost,
 }
 
+/// The work queue shared by several instances: the task records themselves, each claimed by
+/// one worker under a lease that the worker keeps renewing. A task whose lease runs out (its
+/// worker died or stalled) can be claimed again, so no task is lost with an instance. Each
+/// claim raises the record's `run`, the fencing token: a run writes only while the record
+/// still holds its token, so a run that was taken over writes nothing. Leases are dated by
+/// the store's clock, never an instance's.
 #[async_trait::async_trait]
 pub trait TaskQueue: Send + Sync {
     /// Claims the oldest task that is PENDING and not leased, or whose lease has run out,
-    /// for `owner` until `lease` from now. The record comes back as stored.
+    /// for `owner` until `lease` from now, raising its `run`. The record comes back as stored.
     async fn claim(&self, owner: &str, lease: Duration) -> Result<Option<TaskRecord>, StoreError>;
-    /// Extends the lease if `owner` still holds it.
-    async fn renew_lease(
-        &self,
-        id: &str,
-        owner: &str,
-        lease: Duration,
-    ) -> Result<Lease, StoreError>;
-    /// Saves the record if `owner` still holds its lease, leaving the lease as it is.
-    async fn put_leased(&self, task: &TaskRecord, owner: &str) -> Result<Lease, StoreError>;
-    /// Saves the record and gives the task back to the queue, if `owner` still holds it.
-    async fn unlease(&self, task: &TaskRecord, owner: &str) -> Result<bool, StoreError>;
+    /// Extends the lease if the record still holds run `run`.
+    async fn renew_lease(&self, id: &str, run: u64, lease: Duration) -> Result<Lease, StoreError>;
+    /// Saves the record if it still holds run `run`, leaving the lease as it is.
+    async fn put_leased(&self, task: &TaskRecord, run: u64) -> Result<Lease, StoreError>;
+    /// Saves the record and gives the task back to the queue, if it still holds run `run`.
+    async fn unlease(&self, task: &TaskRecord, run: u64) -> Result<bool, StoreError>;
+    /// An unfinished (PENDING or STARTED) task for `file_name`, if there is one.
+    async fn unfinished_named(&self, file_name: &str) -> Result<Option<TaskRecord>, StoreError>;
     /// How many tasks wait for a worker (PENDING, unclaimed, not being cancelled).
     async fn waiting(&self) -> Result<u64, StoreError>;
     /// The place of a PENDING task in the queue: 1 + the unclaimed PENDING tasks queued

@@ -10,13 +10,22 @@
 //!   instance can run any task; deleted when the task ends.
 //!
 //! The `tasks` collection is also the shared work queue (`TaskQueue`): a worker claims a task
-//! by setting `lease_owner` and `lease_until_ms` in one findAndModify and keeps pushing the
-//! deadline forward; a task whose deadline passed is claimable again. A cancellation sets
-//! `cancel_requested` on the record; the lease holder learns it from its next renewal or
-//! save (one findAndModify each), and a task nobody holds is ended by the canceller.
+//! by setting `lease_owner` and `lease_until` and raising `run` (the fencing token) in one
+//! findAndModify, and keeps pushing the deadline forward; a task whose deadline passed is
+//! claimable again. Every later write of the run is conditional on `run`, so a run that was
+//! taken over (paused, partitioned) writes nothing. Deadlines are dated by the server: set
+//! from `$$NOW` in an update pipeline, compared with the server's own `hello.localTime`
+//! (read just before; a stale reading only makes a lease look live for longer). A
+//! cancellation sets `cancel_requested` on the record; the lease holder learns it from its
+//! next renewal or save (one findAndModify each), and a task nobody holds is ended by the
+//! canceller.
 //!
-//! A result is replaced by uploading the new blob, then swapping the `results` document in
-//! one findAndModify, then deleting the old blob: readers see the old or the new result.
+//! A result is stored by uploading the new blob, then swapping the `results` document in one
+//! conditional findAndModify (it must still hold what the task may replace, see
+//! `ResultStore::put`; an upsert that finds another document in place fails on the unique
+//! `_id`, which is the refusal). The blob it replaced is not deleted at once but marked
+//! `metadata.retired_at`, so a fetch that opened it reads on; the sweeper deletes retired
+//! blobs, and blobs no document came to use, after the grace period.
 
 use std::path::Path;
 use std::time::Duration;
@@ -30,10 +39,10 @@ use mongodb::options::{ClientOptions, GridFsBucketOptions, IndexOptions, ReturnD
 use mongodb::{Client, Collection, IndexModel};
 
 use super::{
-    check_size, read_chunks, ChunkStream, Lease, ResultStore, SourceStore, StoreError, TaskQueue,
-    TaskStore,
+    check_size, read_chunks, ChunkStream, Fence, Lease, ResultStore, SourceStore, StoreError,
+    TaskQueue, TaskStore,
 };
-use crate::tasks::types::{now_ms, ResultMeta, TaskRecord};
+use crate::tasks::types::{now_ms, Replaces, ResultMeta, TaskRecord};
 
 /// Bounds server selection and connecting, so a dead server fails calls instead of hanging.
 const TIMEOUT: Duration = Duration::from_secs(5);
@@ -41,12 +50,17 @@ const BUCKET: &str = "results";
 const UPLOADS: &str = "uploads";
 /// 9999-12-31T23:59:59.999Z.
 const MAX_DATE_MS: i64 = 253_402_300_799_999;
+/// Blobs looked at per kind and sweep.
+const SWEEP_BATCH: i64 = 1000;
 /// MongoDB's duplicate-key error code.
 const DUPLICATE_KEY: i32 = 11000;
 
 pub struct MongoStore {
+    db: mongodb::Database,
     tasks: Collection<Document>,
     results: Collection<Document>,
+    /// The files collection of the `results` bucket, where blobs are marked retired.
+    result_files: Collection<Document>,
     bucket: GridFsBucket,
     uploads: GridFsBucket,
     /// Keeps a finished task that carries no `expires_at_ms` from living forever.
@@ -98,6 +112,10 @@ impl MongoStore {
                 .build(),
             // Start-up recovery asks for unfinished tasks; without this it scans them all.
             IndexModel::builder().keys(doc! { "state": 1 }).build(),
+            // An upload asks whether a task for its name is unfinished.
+            IndexModel::builder()
+                .keys(doc! { "file_name": 1, "state": 1 })
+                .build(),
             // Claiming takes the oldest claimable task.
             IndexModel::builder()
                 .keys(doc! { "state": 1, "created_at_ms": 1 })
@@ -111,20 +129,19 @@ impl MongoStore {
         })?;
 
         let results = db.collection::<Document>("results");
-        // The expiry sweep asks for the oldest results.
-        results
-            .create_index(
-                IndexModel::builder()
-                    .keys(doc! { "created_at_ms": 1 })
-                    .build(),
-            )
-            .await
-            .map_err(|e| {
-                StoreError::Unavailable(format!(
-                    "cannot create the indexes of {database}.results: {}",
-                    scrub(e)
-                ))
-            })?;
+        // The expiry sweep asks for the oldest results, the blob sweep which blob is in use.
+        let indexes = [
+            IndexModel::builder()
+                .keys(doc! { "created_at_ms": 1 })
+                .build(),
+            IndexModel::builder().keys(doc! { "blob_id": 1 }).build(),
+        ];
+        results.create_indexes(indexes).await.map_err(|e| {
+            StoreError::Unavailable(format!(
+                "cannot create the indexes of {database}.results: {}",
+                scrub(e)
+            ))
+        })?;
 
         let bucket = |name: &str| {
             db.gridfs_bucket(
@@ -133,11 +150,14 @@ impl MongoStore {
                     .build(),
             )
         };
+        let (bucket, uploads) = (bucket(BUCKET), bucket(UPLOADS));
         Ok(Self {
+            result_files: db.collection::<Document>(&format!("{BUCKET}.files")),
+            db,
             tasks,
             results,
-            bucket: bucket(BUCKET),
-            uploads: bucket(UPLOADS),
+            bucket,
+            uploads,
             task_ttl,
         })
     }
@@ -178,12 +198,45 @@ impl MongoStore {
         Ok(doc)
     }
 
-    async fn delete_blob(&self, id: ObjectId) {
+    /// Marks a blob no result uses any more; the sweeper deletes it after the grace period,
+    /// so reads that opened it finish. Unmarked (the server is away), it is still found by
+    /// the sweeper as a blob that no result uses.
+    async fn retire_blob(&self, id: ObjectId) {
+        let marked = self
+            .result_files
+            .update_one(
+                doc! { "_id": id },
+                doc! { "$currentDate": { "metadata.retired_at": true } },
+            )
+            .await;
+        if let Err(e) = marked {
+            tracing::warn!("cannot mark result blob {id} for deletion: {e}");
+        }
+    }
+
+    /// Clears the pending mark of a blob a document now uses. Left set (the server is away),
+    /// the sweeper finds the blob in use and clears it then.
+    async fn settle_blob(&self, id: ObjectId) {
+        let cleared = self
+            .result_files
+            .update_one(
+                doc! { "_id": id },
+                doc! { "$unset": { "metadata.pending": "" } },
+            )
+            .await;
+        if let Err(e) = cleared {
+            tracing::warn!("cannot clear the pending mark of result blob {id}: {e}");
+        }
+    }
+
+    async fn delete_blob(&self, id: ObjectId) -> bool {
         match self.bucket.delete(Bson::ObjectId(id)).await {
-            Err(e) if !is_file_not_found(&e) => {
+            Ok(()) => true,
+            Err(e) if is_file_not_found(&e) => false,
+            Err(e) => {
                 tracing::warn!("cannot delete result blob {id}: {e}");
+                false
             }
-            _ => {}
         }
     }
 }
@@ -209,8 +262,14 @@ fn driver_error(what: &str, e: mongodb::error::Error) -> StoreError {
     }
 }
 
+/// A duplicate key, as an insert reports it (a write error) or as findAndModify does (a
+/// command error).
 fn is_duplicate_key(e: &mongodb::error::Error) -> bool {
-    matches!(&*e.kind, ErrorKind::Write(WriteFailure::WriteError(w)) if w.code == DUPLICATE_KEY)
+    match &*e.kind {
+        ErrorKind::Write(WriteFailure::WriteError(w)) => w.code == DUPLICATE_KEY,
+        ErrorKind::Command(c) => c.code == DUPLICATE_KEY,
+        _ => false,
+    }
 }
 
 fn task_from_doc(doc: Document) -> Result<TaskRecord, StoreError> {
@@ -292,18 +351,18 @@ impl TaskStore for MongoStore {
 #[async_trait::async_trait]
 impl TaskQueue for MongoStore {
     async fn claim(&self, owner: &str, lease: Duration) -> Result<Option<TaskRecord>, StoreError> {
-        let now = now_ms();
+        let now = self.server_now().await?;
+        let mut claimable = lapsed(now);
+        claimable.insert("state", doc! { "$in": ["PENDING", "STARTED"] });
         let claimed = self
             .tasks
             .find_one_and_update(
-                doc! {
-                    "state": { "$in": ["PENDING", "STARTED"] },
-                    "$or": [
-                        { "lease_until_ms": Bson::Null },
-                        { "lease_until_ms": { "$lt": now } },
-                    ],
-                },
-                doc! { "$set": { "lease_owner": owner, "lease_until_ms": now + millis(lease) } },
+                claimable,
+                vec![doc! { "$set": {
+                    "lease_owner": owner,
+                    "lease_until": { "$add": ["$$NOW", millis(lease)] },
+                    "run": { "$add": [{ "$ifNull": ["$run", 0_i64] }, 1_i64] },
+                } }],
             )
             .sort(doc! { "created_at_ms": 1, "_id": 1 })
             .return_document(ReturnDocument::After)
@@ -312,44 +371,50 @@ impl TaskQueue for MongoStore {
         claimed.map(task_from_doc).transpose()
     }
 
-    async fn renew_lease(
-        &self,
-        id: &str,
-        owner: &str,
-        lease: Duration,
-    ) -> Result<Lease, StoreError> {
-        let until = now_ms() + millis(lease);
-        let update = doc! { "$set": { "lease_until_ms": until } };
-        self.update_leased(id, owner, update, "renewing a task lease")
+    async fn renew_lease(&self, id: &str, run: u64, lease: Duration) -> Result<Lease, StoreError> {
+        let update = vec![doc! { "$set": {
+            "lease_until": { "$add": ["$$NOW", millis(lease)] },
+        } }];
+        self.update_leased(id, run, update, "renewing a task lease")
             .await
     }
 
-    async fn put_leased(&self, task: &TaskRecord, owner: &str) -> Result<Lease, StoreError> {
+    async fn put_leased(&self, task: &TaskRecord, run: u64) -> Result<Lease, StoreError> {
         let update = doc! { "$set": self.task_fields(task)? };
-        self.update_leased(&task.id, owner, update, "saving a task")
+        self.update_leased(&task.id, run, update, "saving a task")
             .await
     }
 
-    async fn unlease(&self, task: &TaskRecord, owner: &str) -> Result<bool, StoreError> {
+    async fn unlease(&self, task: &TaskRecord, run: u64) -> Result<bool, StoreError> {
         let update = doc! {
             "$set": self.task_fields(task)?,
-            "$unset": { "lease_owner": "", "lease_until_ms": "" },
+            "$unset": { "lease_owner": "", "lease_until": "" },
         };
         let lease = self
-            .update_leased(&task.id, owner, update, "returning a task to the queue")
+            .update_leased(&task.id, run, update, "returning a task to the queue")
             .await?;
         Ok(lease != Lease::Lost)
     }
 
-    async fn waiting(&self) -> Result<u64, StoreError> {
+    async fn unfinished_named(&self, file_name: &str) -> Result<Option<TaskRecord>, StoreError> {
         self.tasks
-            .count_documents(waiting_filter())
+            .find_one(doc! { "file_name": file_name, "state": { "$in": ["PENDING", "STARTED"] } })
+            .await
+            .map_err(|e| driver_error("looking for a task of the name", e))?
+            .map(task_from_doc)
+            .transpose()
+    }
+
+    async fn waiting(&self) -> Result<u64, StoreError> {
+        let now = self.server_now().await?;
+        self.tasks
+            .count_documents(waiting_filter(now))
             .await
             .map_err(|e| driver_error("counting queued tasks", e))
     }
 
     async fn position(&self, task: &TaskRecord) -> Result<u32, StoreError> {
-        let mut ahead = waiting_filter();
+        let mut ahead = waiting_filter(self.server_now().await?);
         // The claim order: oldest first, the id breaking ties.
         ahead.insert(
             "$and",
@@ -384,20 +449,16 @@ impl TaskQueue for MongoStore {
     }
 
     async fn cancel_unclaimed(&self, task: &TaskRecord) -> Result<bool, StoreError> {
+        let mut unclaimed = lapsed(self.server_now().await?);
+        unclaimed.insert("_id", task.id.as_str());
+        unclaimed.insert("state", doc! { "$in": ["PENDING", "STARTED"] });
         let r = self
             .tasks
             .update_one(
-                doc! {
-                    "_id": task.id.as_str(),
-                    "state": { "$in": ["PENDING", "STARTED"] },
-                    "$or": [
-                        { "lease_until_ms": Bson::Null },
-                        { "lease_until_ms": { "$lt": now_ms() } },
-                    ],
-                },
+                unclaimed,
                 doc! {
                     "$set": self.task_fields(task)?,
-                    "$unset": { "lease_owner": "", "lease_until_ms": "", "cancel_requested": "" },
+                    "$unset": { "lease_owner": "", "lease_until": "", "cancel_requested": "" },
                 },
             )
             .await
@@ -406,32 +467,51 @@ impl TaskQueue for MongoStore {
     }
 }
 
-/// Tasks that wait for a worker: PENDING, not claimed under a live lease, and not being
-/// cancelled.
-fn waiting_filter() -> Document {
+/// Records nobody holds under a live lease, by the server's clock `now`.
+fn lapsed(now: bson::DateTime) -> Document {
     doc! {
-        "state": "PENDING",
-        "cancel_requested": { "$ne": true },
         "$or": [
-            { "lease_until_ms": Bson::Null },
-            { "lease_until_ms": { "$lt": now_ms() } },
+            { "lease_until": Bson::Null },
+            { "lease_until": { "$lt": now } },
         ],
     }
 }
 
+/// Tasks that wait for a worker: PENDING, not claimed under a live lease (by the server's
+/// clock `now`), and not being cancelled.
+fn waiting_filter(now: bson::DateTime) -> Document {
+    let mut filter = lapsed(now);
+    filter.insert("state", "PENDING");
+    filter.insert("cancel_requested", doc! { "$ne": true });
+    filter
+}
+
 impl MongoStore {
-    /// Applies `update` to task `id` if `owner` holds its lease, and tells whether a
-    /// cancellation waits for it, in one findAndModify.
+    /// The server's clock, which dates every lease: no instance's clock is trusted.
+    async fn server_now(&self) -> Result<bson::DateTime, StoreError> {
+        let hello = self
+            .db
+            .run_command(doc! { "hello": 1 })
+            .await
+            .map_err(|e| driver_error("reading the server's clock", e))?;
+        hello
+            .get_datetime("localTime")
+            .copied()
+            .map_err(|e| StoreError::Corrupt(format!("hello without localTime: {e}")))
+    }
+
+    /// Applies `update` to task `id` if the record still holds run `run`, and tells whether
+    /// a cancellation waits for it, in one findAndModify.
     async fn update_leased(
         &self,
         id: &str,
-        owner: &str,
-        update: Document,
+        run: u64,
+        update: impl Into<mongodb::options::UpdateModifications>,
         what: &str,
     ) -> Result<Lease, StoreError> {
         let found = self
             .tasks
-            .find_one_and_update(doc! { "_id": id, "lease_owner": owner }, update)
+            .find_one_and_update(doc! { "_id": id, "run": run_bson(run) }, update)
             .projection(doc! { "cancel_requested": 1 })
             .return_document(ReturnDocument::After)
             .await
@@ -444,6 +524,11 @@ impl MongoStore {
             Some(_) => Lease::Held,
         })
     }
+}
+
+/// A run number as stored (BSON has no unsigned integers).
+fn run_bson(run: u64) -> i64 {
+    i64::try_from(run).unwrap_or(i64::MAX)
 }
 
 fn millis(d: Duration) -> i64 {
@@ -546,11 +631,20 @@ impl ResultStore for MongoStore {
             .transpose()
     }
 
-    async fn put(&self, meta: &ResultMeta, bytes: Vec<u8>) -> Result<(), StoreError> {
+    async fn put(
+        &self,
+        meta: &ResultMeta,
+        bytes: Vec<u8>,
+        replaces: &Replaces,
+        fence: &Fence,
+    ) -> Result<(), StoreError> {
         check_size(meta, bytes.len())?;
+        // Marked pending until a document uses it: the sweeper deletes pending blobs left
+        // behind by a refused or failed swap, or by an instance that died before it.
         let mut upload = self
             .bucket
             .open_upload_stream(&meta.file_name)
+            .metadata(doc! { "pending": true })
             .await
             .map_err(|e| driver_error("uploading a result", e))?;
         let blob = upload.id().as_object_id();
@@ -571,29 +665,80 @@ impl ResultStore for MongoStore {
                 "GridFS gave a non-ObjectId file id".into(),
             ));
         };
+        crate::failpoint::pause_at("result-uploaded").await;
+        if let Err(e) = fence.check().await {
+            self.retire_blob(blob).await;
+            return Err(e);
+        }
+        // Past every check: what keeps a writer stalled here from replacing a newer result
+        // is the swap's own condition.
+        crate::failpoint::pause_at("result-swap").await;
 
         let mut doc = bson::to_document(meta)
             .map_err(|e| StoreError::Corrupt(format!("result {}: {e}", meta.file_name)))?;
         doc.insert("_id", meta.file_name.as_str());
         doc.insert("blob_id", blob);
+        // What may be in place: an earlier (or this) run of the same task's result, or what
+        // the task may replace. Nothing in place always will do (the upsert inserts).
+        let mut allowed = vec![doc! {
+            "task_id": meta.task_id.as_str(),
+            "run": { "$lte": run_bson(meta.run) },
+        }];
+        match replaces {
+            Replaces::Nothing => {}
+            Replaces::Result(task_id) => allowed.push(doc! { "task_id": task_id.as_str() }),
+            Replaces::Any => allowed.push(doc! {}),
+        }
         // findAndModify swaps and returns the old document in one step, so two concurrent
-        // puts each delete exactly the blob they replaced.
-        let old = match self
+        // puts each retire exactly the blob they replaced.
+        let swapped = self
             .results
-            .find_one_and_replace(doc! { "_id": meta.file_name.as_str() }, doc)
+            .find_one_and_replace(doc! { "_id": meta.file_name.as_str(), "$or": allowed }, doc)
             .upsert(true)
             .return_document(ReturnDocument::Before)
-            .await
-        {
+            .await;
+        let swapped = match swapped {
+            Ok(_) if crate::failpoint::fires("result-swap-reply-lost") => Err(
+                mongodb::error::Error::custom("failpoint: the reply to the swap was lost"),
+            ),
+            other => other,
+        };
+        let old = match swapped {
             Ok(old) => old,
+            Err(e) if is_duplicate_key(&e) => {
+                self.retire_blob(blob).await;
+                return Err(StoreError::Conflict(format!(
+                    "a newer result is stored under `{}`",
+                    meta.file_name
+                )));
+            }
             Err(e) => {
-                self.delete_blob(blob).await;
+                // The server may have applied the swap before the error (a lost reply): the
+                // document is the judge. Unreadable now, the blob stays for the sweeper,
+                // which deletes it if no document came to use it.
+                match self
+                    .results
+                    .find_one(doc! { "_id": meta.file_name.as_str() })
+                    .await
+                {
+                    Ok(Some(now)) if now.get_object_id("blob_id").ok() == Some(blob) => {
+                        tracing::info!(
+                            file_name = meta.file_name,
+                            "the result was stored although the store reported: {e}"
+                        );
+                        self.settle_blob(blob).await;
+                        return Ok(());
+                    }
+                    Ok(_) => self.retire_blob(blob).await,
+                    Err(_) => {}
+                }
                 return Err(driver_error("saving a result", e));
             }
         };
+        self.settle_blob(blob).await;
         if let Some(old_blob) = old.and_then(|old| old.get_object_id("blob_id").ok()) {
             if old_blob != blob {
-                self.delete_blob(old_blob).await;
+                self.retire_blob(old_blob).await;
             }
         }
         Ok(())
@@ -652,7 +797,7 @@ impl ResultStore for MongoStore {
             return Ok(None);
         };
         let (meta, blob) = result_from_doc(file_name, &doc)?;
-        self.delete_blob(blob).await;
+        self.retire_blob(blob).await;
         Ok(Some(meta))
     }
 
@@ -702,6 +847,51 @@ impl ResultStore for MongoStore {
         Ok(groups
             .first()
             .map_or((0, 0), |g| (number(g, "count"), number(g, "bytes"))))
+    }
+
+    async fn sweep_blobs(&self, grace: Duration) -> Result<u64, StoreError> {
+        let now = self.server_now().await?;
+        let cutoff = bson::DateTime::from_millis(now.timestamp_millis() - millis(grace));
+        let ids = |filter: Document| async move {
+            let files: Vec<Document> = self
+                .result_files
+                .find(filter)
+                .projection(doc! { "_id": 1 })
+                .limit(SWEEP_BATCH)
+                .await
+                .map_err(|e| driver_error("listing result blobs", e))?
+                .try_collect()
+                .await
+                .map_err(|e| driver_error("listing result blobs", e))?;
+            Ok::<_, StoreError>(
+                files
+                    .iter()
+                    .filter_map(|f| f.get_object_id("_id").ok())
+                    .collect::<Vec<_>>(),
+            )
+        };
+        let mut deleted = 0;
+        // Replaced or deleted results, retired long enough ago.
+        for id in ids(doc! { "metadata.retired_at": { "$lt": cutoff } }).await? {
+            deleted += u64::from(self.delete_blob(id).await);
+        }
+        // Blobs still pending long after their upload: the swap was refused or failed, or the
+        // instance died before it. One that a document uses after all only lost its mark.
+        let pending = doc! { "metadata.pending": true, "uploadDate": { "$lt": cutoff } };
+        for id in ids(pending).await? {
+            let used = self
+                .results
+                .find_one(doc! { "blob_id": id })
+                .projection(doc! { "_id": 1 })
+                .await
+                .map_err(|e| driver_error("looking up a result blob", e))?;
+            if used.is_some() {
+                self.settle_blob(id).await;
+            } else {
+                deleted += u64::from(self.delete_blob(id).await);
+            }
+        }
+        Ok(deleted)
     }
 }
 

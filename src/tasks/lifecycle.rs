@@ -118,13 +118,29 @@ async fn remove_stray_files(inner: &Inner, keep: &HashSet<String>) {
     }
 }
 
-/// Keeps a task's file-name lock alive until `lease` is cancelled.
+/// A file-name lock as a live task holds it.
+pub(super) struct Held {
+    pub file_name: String,
+    pub task_id: String,
+    /// Shared mode: the run of the task that holds it here.
+    pub run: Option<u64>,
+}
+
+/// Keeps a task's file-name lock alive until `lease` is cancelled. A lock that vanished (a
+/// Redis restart, or it lapsed while this process was paused) is taken back only while the
+/// task still needs it here: its record unfinished and, in shared mode, still on this run.
+/// A lock that another task holds now is not taken back: `lost` trips, which stops the run.
 pub(super) async fn renew_lock(
     inner: Arc<Inner>,
-    file_name: String,
-    task_id: String,
+    held: Held,
     lease: CancellationToken,
+    lost: CancellationToken,
 ) {
+    let Held {
+        file_name,
+        task_id,
+        run,
+    } = held;
     let every = inner.lock_ttl() / 3;
     loop {
         tokio::select! {
@@ -137,37 +153,89 @@ pub(super) async fn renew_lock(
             .await
         {
             Ok(true) => {}
-            Ok(false) => {
-                // Gone (a Redis restart) or taken: take it back if it is free.
-                match inner
-                    .locks
-                    .acquire(&file_name, &task_id, inner.lock_ttl())
-                    .await
-                {
-                    Ok(Acquire::Acquired) => {
-                        tracing::info!(task_id, file_name, "took the vanished file-name lock back")
+            Ok(false) => match still_needed(&inner, &task_id, run).await {
+                Some(true) => match take_back(&inner, &file_name, &task_id).await {
+                    Retake::Held => {}
+                    // An upload checking the name holds it for a moment, and then finds
+                    // this task unfinished and lets go; a task that was admitted holds it
+                    // for good.
+                    Retake::Other(holder) => {
+                        if let Ok(Some(_)) = inner.tasks.get(&holder).await {
+                            tracing::warn!(
+                                task_id,
+                                file_name,
+                                holder,
+                                "lost the file-name lock to another task; stopping"
+                            );
+                            lost.cancel();
+                            return;
+                        }
                     }
-                    Ok(Acquire::HeldBy(holder)) if holder == task_id => {}
-                    Ok(Acquire::HeldBy(holder)) => {
-                        tracing::warn!(task_id, file_name, holder, "lost the file-name lock");
-                        return;
-                    }
-                    Err(e) => {
-                        tracing::warn!(task_id, error = %e, "cannot renew the file-name lock")
-                    }
+                },
+                Some(false) => {
+                    tracing::warn!(
+                        task_id,
+                        file_name,
+                        run,
+                        "the file-name lock lapsed and the task has moved on; not taking it back"
+                    );
+                    lost.cancel();
+                    return;
                 }
-            }
+                // Cannot tell now: look again at the next round.
+                None => {}
+            },
             Err(e) => tracing::warn!(task_id, error = %e, "cannot renew the file-name lock"),
         }
     }
 }
 
-/// Shared mode: keeps the lease of a task this instance runs until `stop` is cancelled, and
-/// cancels `stop` if the lease is lost (another instance then runs the task).
+/// Whether task `task_id` still needs its file-name lock here: unfinished and, with `run`,
+/// still on that run. `None` when the store cannot say now.
+async fn still_needed(inner: &Inner, task_id: &str, run: Option<u64>) -> Option<bool> {
+    match inner.tasks.get(task_id).await {
+        Ok(Some(t)) => Some(!t.state.is_terminal() && run.is_none_or(|r| t.run == r)),
+        Ok(None) => Some(false),
+        Err(e) => {
+            tracing::warn!(task_id, error = %e, "cannot check whether the task still runs");
+            None
+        }
+    }
+}
+
+enum Retake {
+    /// Held by this task again (or the lock server is away: try again later).
+    Held,
+    /// Someone else holds it.
+    Other(String),
+}
+
+/// Takes a vanished lock back for `task_id`.
+async fn take_back(inner: &Inner, file_name: &str, task_id: &str) -> Retake {
+    match inner
+        .locks
+        .acquire(file_name, task_id, inner.lock_ttl())
+        .await
+    {
+        Ok(Acquire::Acquired) => {
+            tracing::info!(task_id, file_name, "took the vanished file-name lock back");
+            Retake::Held
+        }
+        Ok(Acquire::HeldBy(holder)) if holder == task_id => Retake::Held,
+        Ok(Acquire::HeldBy(holder)) => Retake::Other(holder),
+        Err(e) => {
+            tracing::warn!(task_id, error = %e, "cannot take the file-name lock back");
+            Retake::Held
+        }
+    }
+}
+
+/// Shared mode: keeps the lease of run `run` of a task this instance runs until `stop` is
+/// cancelled, and cancels `stop` if the lease is lost (another instance then runs the task).
 pub(super) async fn keep_lease(
     inner: Arc<Inner>,
     task_id: String,
-    owner: String,
+    run: u64,
     stop: CancellationToken,
     cancelled: CancellationToken,
 ) {
@@ -180,12 +248,12 @@ pub(super) async fn keep_lease(
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
         }
-        match store.renew_lease(&task_id, &owner, inner.lock_ttl()).await {
+        match store.renew_lease(&task_id, run, inner.lock_ttl()).await {
             Ok(Lease::Held) => {}
             // Keep the lease while the run stops and records the cancellation.
             Ok(Lease::CancelRequested) => cancelled.cancel(),
             Ok(Lease::Lost) => {
-                tracing::warn!(task_id, "lost the task lease");
+                tracing::warn!(task_id, run, "lost the task lease");
                 stop.cancel();
                 return;
             }
@@ -195,8 +263,10 @@ pub(super) async fn keep_lease(
     }
 }
 
-/// Shared mode: keeps the file-name lock of a task queued here while it waits, until some
-/// worker (which renews it from then on) starts it.
+/// Shared mode: keeps the file-name lock of a task waiting in the queue (queued here, or
+/// given back here) until some worker (which renews it from then on) starts it. A lock that
+/// vanished meanwhile (a Redis restart) is taken back, so a same-name upload still hears
+/// IN_PROGRESS.
 pub(super) async fn keep_queued_lock(inner: Arc<Inner>, file_name: String, task_id: String) {
     let every = inner.lock_ttl() / 3;
     loop {
@@ -212,12 +282,26 @@ pub(super) async fn keep_queued_lock(inner: Arc<Inner>, file_name: String, task_
                 continue;
             }
         }
-        if let Err(e) = inner
+        match inner
             .locks
             .renew(&file_name, &task_id, inner.lock_ttl())
             .await
         {
-            tracing::debug!(task_id, error = %e, "cannot renew a queued task's lock");
+            Ok(true) => {}
+            Ok(false) => {
+                if let Retake::Other(holder) = take_back(&inner, &file_name, &task_id).await {
+                    // An upload checking the name: it finds this task waiting and lets go.
+                    tracing::debug!(task_id, holder, "the queued task's name is held; retrying");
+                    continue;
+                }
+                // It may have ended between the look above and the take-back: then the
+                // lock must not outlive it.
+                if still_needed(&inner, &task_id, None).await == Some(false) {
+                    let _ = inner.locks.release(&file_name, &task_id).await;
+                    return;
+                }
+            }
+            Err(e) => tracing::debug!(task_id, error = %e, "cannot renew a queued task's lock"),
         }
     }
 }

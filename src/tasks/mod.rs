@@ -18,7 +18,10 @@ mod queue;
 mod sweep;
 pub mod types;
 mod upload;
+mod workdir;
 mod worker;
+
+pub use workdir::work_dir;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -148,7 +151,7 @@ impl Backends {
             tasks,
             results,
             locks,
-            sources: Arc::new(LocalSources::new(settings.temp_dir.clone())),
+            sources: Arc::new(LocalSources::new(work_dir(settings, None))),
             queue: None,
             events: None,
             instance: new_instance_id(),
@@ -175,6 +178,17 @@ struct Live {
     /// Cancelled when a client cancels the task: a queued task is then never started, a
     /// running one stops between the layers of its tile.
     stop: CancellationToken,
+    /// Cancelled when another task took the file-name lock: a running task then stops with
+    /// nothing stored.
+    lock_lost: CancellationToken,
+}
+
+/// What a worker that starts a task listens to.
+pub(crate) struct Begun {
+    /// Tripped by a client's cancellation.
+    pub cancelled: CancellationToken,
+    /// Tripped when the file-name lock went to another task.
+    pub lock_lost: CancellationToken,
 }
 
 pub(crate) struct Inner {
@@ -195,6 +209,8 @@ pub(crate) struct Inner {
     backends_up: watch::Sender<bool>,
     accepting: AtomicBool,
     shutdown: CancellationToken,
+    /// Shared mode: held while this instance lives, so others leave its TEMP_DIR folder be.
+    _work_dir_lock: Option<std::fs::File>,
 }
 
 /// The task service. Cheap to clone.
@@ -219,10 +235,23 @@ impl TaskService {
     }
 
     /// `start` on any backends, shared mode included.
-    pub async fn start_with(settings: Settings, backends: Backends) -> Result<Self, Error> {
-        tokio::fs::create_dir_all(&settings.temp_dir)
-            .await
-            .map_err(|e| Error::Internal(format!("cannot create TEMP_DIR: {e}")))?;
+    pub async fn start_with(mut settings: Settings, backends: Backends) -> Result<Self, Error> {
+        // This instance's own folder under TEMP_DIR; everything below uses it as TEMP_DIR.
+        let shared = backends.queue.is_some();
+        let dir = work_dir(&settings, shared.then_some(backends.instance.as_str()));
+        let work_dir_lock = if shared {
+            let dir = dir.clone();
+            let claimed = tokio::task::spawn_blocking(move || workdir::claim_shared(&dir))
+                .await
+                .map_err(|e| Error::Internal(format!("TEMP_DIR: {e}")))?;
+            Some(claimed.map_err(|e| Error::Internal(format!("cannot set up TEMP_DIR: {e}")))?)
+        } else {
+            tokio::fs::create_dir_all(&dir)
+                .await
+                .map_err(|e| Error::Internal(format!("cannot create TEMP_DIR: {e}")))?;
+            None
+        };
+        settings.temp_dir = dir;
         let models = ModelCache::new(settings.weights_dir.clone(), settings.models_dir.clone());
         models
             .get(&settings.default_model)
@@ -250,6 +279,7 @@ impl TaskService {
             backends_up: watch::Sender::new(true),
             accepting: AtomicBool::new(true),
             shutdown: CancellationToken::new(),
+            _work_dir_lock: work_dir_lock,
         });
         tracing::info!(
             instance = inner.instance,
@@ -468,12 +498,12 @@ impl Inner {
         }
     }
 
-    /// Publishes a new state and persists it. In shared mode only while `owner` (Some there)
-    /// holds the task's lease: `Lease::Lost` means another instance took the task over (and
-    /// nothing was saved), `Lease::CancelRequested` that a client asked to cancel it.
-    async fn save(&self, task: &TaskRecord, owner: Option<&str>) -> Result<Lease, Error> {
-        let lease = match (&self.queue, owner) {
-            (Queue::Shared { store, .. }, Some(owner)) => store.put_leased(task, owner).await?,
+    /// Publishes a new state and persists it. In shared mode only while the record still
+    /// holds run `run` (Some there): `Lease::Lost` means another instance took the task over
+    /// (and nothing was saved), `Lease::CancelRequested` that a client asked to cancel it.
+    async fn save(&self, task: &TaskRecord, run: Option<u64>) -> Result<Lease, Error> {
+        let lease = match (&self.queue, run) {
+            (Queue::Shared { store, .. }, Some(run)) => store.put_leased(task, run).await?,
             _ => {
                 self.tasks.put(task).await?;
                 Lease::Held
@@ -542,6 +572,15 @@ impl Inner {
         live.get(task_id).map(|l| l.updates.borrow().clone())
     }
 
+    /// An unfinished task of `file_name` live here (queued or running), if there is one.
+    fn live_named(&self, file_name: &str) -> Option<String> {
+        let live = self.live.lock().expect("poisoned");
+        live.values().find_map(|l| {
+            let t = l.updates.borrow();
+            (t.file_name == file_name && !t.state.is_terminal()).then(|| t.id.clone())
+        })
+    }
+
     /// The freshest state of a task: the live one if it runs here, else the stored one.
     async fn current(&self, task_id: &str) -> Option<TaskRecord> {
         match self.live_state(task_id) {
@@ -576,7 +615,7 @@ impl Inner {
                 existing.updates.send_replace(task.clone());
             }
             Some(_) => {}
-            None => self.insert_live(&mut live, task),
+            None => self.insert_live(&mut live, task, None),
         }
     }
 
@@ -584,21 +623,33 @@ impl Inner {
     /// and gives the token that a cancellation trips. `None`: it was cancelled while it
     /// waited. One step under the live-task lock, so a cancellation sees it either still
     /// waiting (and ends it itself) or started (and leaves the ending to the worker).
-    fn begin(self: &Arc<Self>, task: &TaskRecord) -> Option<CancellationToken> {
+    ///
+    /// `run` is the shared queue's run (fencing token) that starts it: the lock renewal
+    /// takes a vanished lock back only while the task's record still holds that run.
+    fn begin(self: &Arc<Self>, task: &TaskRecord, run: Option<u64>) -> Option<Begun> {
         let mut live = self.live.lock().expect("poisoned");
         if !live.contains_key(&task.id) {
-            self.insert_live(&mut live, task);
+            self.insert_live(&mut live, task, run);
         }
         let l = live.get(&task.id)?;
         if l.stop.is_cancelled() {
             return None;
         }
         l.updates.send_replace(task.clone());
-        Some(l.stop.clone())
+        Some(Begun {
+            cancelled: l.stop.clone(),
+            lock_lost: l.lock_lost.clone(),
+        })
     }
 
-    fn insert_live(self: &Arc<Self>, live: &mut HashMap<String, Live>, task: &TaskRecord) {
+    fn insert_live(
+        self: &Arc<Self>,
+        live: &mut HashMap<String, Live>,
+        task: &TaskRecord,
+        run: Option<u64>,
+    ) {
         let lease = self.shutdown.child_token();
+        let lock_lost = CancellationToken::new();
         let (updates, _) = watch::channel(task.clone());
         live.insert(
             task.id.clone(),
@@ -606,13 +657,18 @@ impl Inner {
                 updates,
                 lease: lease.clone(),
                 stop: CancellationToken::new(),
+                lock_lost: lock_lost.clone(),
             },
         );
         tokio::spawn(lifecycle::renew_lock(
             self.clone(),
-            task.file_name.clone(),
-            task.id.clone(),
+            lifecycle::Held {
+                file_name: task.file_name.clone(),
+                task_id: task.id.clone(),
+                run,
+            },
             lease,
+            lock_lost,
         ));
     }
 

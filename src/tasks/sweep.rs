@@ -18,6 +18,7 @@ const BATCH: usize = 1000;
 struct SweepReport {
     results: u64,
     uploads: u64,
+    blobs: u64,
     task_records: u64,
 }
 
@@ -38,6 +39,16 @@ async fn sweep_once(inner: &Arc<Inner>) -> SweepReport {
     }
     report.results = expired_results(inner).await;
     report.uploads = orphaned_uploads(inner).await;
+    // Bytes of replaced and deleted results, kept as long as uploads for reads that had
+    // opened them, and bytes that no result came to use.
+    match inner
+        .results
+        .sweep_blobs(inner.settings.orphan_grace())
+        .await
+    {
+        Ok(n) => report.blobs = n,
+        Err(e) => tracing::warn!(error = %e, "cannot sweep result blobs"),
+    }
     match inner.tasks.purge_expired(now_ms()).await {
         Ok(n) => report.task_records = n,
         Err(e) => tracing::warn!(error = %e, "cannot remove expired task records"),
@@ -56,11 +67,13 @@ async fn sweep_once(inner: &Arc<Inner>) -> SweepReport {
         },
         report.uploads,
     );
+    swept("result_blob", report.blobs);
     swept("task_record", report.task_records);
     if report != SweepReport::default() {
         tracing::info!(
             results = report.results,
             uploads = report.uploads,
+            blobs = report.blobs,
             task_records = report.task_records,
             "swept"
         );

@@ -103,6 +103,28 @@ pub struct TaskRecord {
     /// the task is read, never stored.
     #[serde(default, skip_serializing)]
     pub queue_position: u32,
+    /// Shared mode: the fencing token of the task's current run, raised by one at each
+    /// claim (so it also counts the runs). A run saves progress, its end and its result only
+    /// while the record still holds its token. Written by the store's claim only.
+    #[serde(default, skip_serializing)]
+    pub run: u64,
+    /// The result this task may replace: what was stored under its name when the upload was
+    /// accepted, read under the name's lock.
+    #[serde(default)]
+    pub replaces: Replaces,
+}
+
+/// The stored result a task may replace when it stores its own.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Replaces {
+    /// Nothing was stored under the name.
+    Nothing,
+    /// The result made by this task id.
+    Result(String),
+    /// Whatever is stored (records written before this field existed).
+    #[default]
+    Any,
 }
 
 /// Description of a stored result. One per file name.
@@ -120,6 +142,9 @@ pub struct ResultMeta {
     pub model: String,
     pub task_id: String,
     pub created_at_ms: i64,
+    /// The run of `task_id` that stored it (its fencing token; 0 on a single instance).
+    #[serde(default)]
+    pub run: u64,
 }
 
 #[cfg(test)]

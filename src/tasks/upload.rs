@@ -1,5 +1,6 @@
 //! Accepting an upload: validate the metadata, stream the bytes to a temp file while checking
-//! size, format and dimensions, decide QUEUED / IN_PROGRESS / ALREADY_PROCESSED, and queue.
+//! size, format and dimensions, then take the name's lock and, under it, decide QUEUED /
+//! IN_PROGRESS / ALREADY_PROCESSED, and queue.
 //!
 //! Every early return leaves nothing behind: the temp file is removed by its guard, and once
 //! the lock is taken, `Admission::abandon` undoes the lock and the record.
@@ -14,7 +15,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
 use super::names::{self, Declared};
-use super::types::{hex, now_ms, JobOptions, ResultFormat, TaskRecord, TaskState};
+use super::types::{hex, now_ms, JobOptions, Replaces, ResultFormat, TaskRecord, TaskState};
 use super::{lifecycle, Error, Inner, OutcomeKind, Queue, UploadMeta, UploadOutcome};
 use crate::imaging::{self, ImagingError};
 use crate::locks::Acquire;
@@ -83,17 +84,6 @@ pub(super) async fn accept(
     }
     let passes = plan(inner, &options, &received)?;
     let fingerprint = options.fingerprint(&received.sha256);
-    if let Some(existing) = inner.results.meta(&meta.file_name).await? {
-        if existing.fingerprint == fingerprint {
-            return Ok(outcome(existing.task_id, OutcomeKind::AlreadyProcessed));
-        }
-        if !meta.overwrite {
-            return Err(Error::AlreadyExists(format!(
-                "a result named `{}` was made from other bytes or options; set overwrite to replace it",
-                meta.file_name
-            )));
-        }
-    }
 
     let task_id = uuid::Uuid::new_v4().to_string();
     if let Acquire::HeldBy(holder) = inner
@@ -103,15 +93,63 @@ pub(super) async fn accept(
     {
         return Ok(outcome(holder, OutcomeKind::InProgress));
     }
-    let admitted = admit(inner, &meta, options, received, passes, &task_id).await;
-    if let Err(e) = &admitted {
+    // Decided under the lock, on what is true now: the bytes may have taken long to come,
+    // and a lock can vanish (a Redis restart) while its task still runs.
+    let decided = match decide(inner, &meta, &fingerprint).await {
+        Ok(Decision::Admit(replaces)) => {
+            admit(inner, &meta, options, received, passes, &task_id, replaces).await
+        }
+        Ok(Decision::Answer(other, kind)) => {
+            release(inner, &meta.file_name, &task_id).await;
+            return Ok(outcome(other, kind));
+        }
+        Err(e) => Err(e),
+    };
+    if let Err(e) = &decided {
         tracing::info!(task_id, file_name = meta.file_name, error = %e, "upload refused after locking");
         abandon(inner, &meta.file_name, &task_id).await;
     }
-    if admitted.is_ok() {
+    if decided.is_ok() {
         tracing::info!(task_id, file_name = meta.file_name, "upload queued");
     }
-    admitted.map(|()| outcome(task_id, OutcomeKind::Queued))
+    decided.map(|()| outcome(task_id, OutcomeKind::Queued))
+}
+
+/// What an upload holding the name's lock does.
+enum Decision {
+    /// Queue it; its result may replace this.
+    Admit(Replaces),
+    /// Answer with another task's id instead.
+    Answer(String, OutcomeKind),
+}
+
+/// With the name's lock held: a task of the name still unfinished means IN_PROGRESS (its
+/// lock vanished, but it runs or waits); a stored result of the same bytes and options
+/// means ALREADY_PROCESSED, of others ALREADY_EXISTS unless `overwrite`.
+async fn decide(inner: &Inner, meta: &UploadMeta, fingerprint: &str) -> Result<Decision, Error> {
+    let unfinished = match &inner.queue {
+        Queue::Shared { store, .. } => store.unfinished_named(&meta.file_name).await?.map(|t| t.id),
+        Queue::Local(_) => inner.live_named(&meta.file_name),
+    };
+    if let Some(other) = unfinished {
+        return Ok(Decision::Answer(other, OutcomeKind::InProgress));
+    }
+    let Some(existing) = inner.results.meta(&meta.file_name).await? else {
+        return Ok(Decision::Admit(Replaces::Nothing));
+    };
+    if existing.fingerprint == fingerprint {
+        return Ok(Decision::Answer(
+            existing.task_id,
+            OutcomeKind::AlreadyProcessed,
+        ));
+    }
+    if !meta.overwrite {
+        return Err(Error::AlreadyExists(format!(
+            "a result named `{}` was made from other bytes or options; set overwrite to replace it",
+            meta.file_name
+        )));
+    }
+    Ok(Decision::Admit(Replaces::Result(existing.task_id)))
 }
 
 fn job_options(inner: &Inner, meta: &UploadMeta) -> Result<JobOptions, Error> {
@@ -278,6 +316,7 @@ async fn admit(
     received: Received,
     passes: usize,
     task_id: &str,
+    replaces: Replaces,
 ) -> Result<(), Error> {
     if let Queue::Shared { store, .. } = &inner.queue {
         let waiting = store.waiting().await?;
@@ -310,6 +349,8 @@ async fn admit(
         expires_at_ms: None,
         cancel_requested: false,
         queue_position: 0,
+        run: 0,
+        replaces,
     };
     inner.tasks.insert(&task).await?;
     match &inner.queue {
@@ -345,7 +386,11 @@ async fn abandon(inner: &Arc<Inner>, file_name: &str, task_id: &str) {
     if let Err(e) = inner.sources.delete_source(task_id).await {
         tracing::warn!(task_id, error = %e, "cannot delete the source of a refused upload");
     }
+    release(inner, file_name, task_id).await;
+}
+
+async fn release(inner: &Inner, file_name: &str, task_id: &str) {
     if let Err(e) = inner.locks.release(file_name, task_id).await {
-        tracing::warn!(task_id, error = %e, "cannot release the lock of a refused upload");
+        tracing::warn!(task_id, error = %e, "cannot release the lock of an upload not queued");
     }
 }

@@ -19,7 +19,7 @@ use crate::imaging;
 use crate::locks::Acquire;
 use crate::model::{ModelError, Progress};
 use crate::pipeline::{self, PipelineError};
-use crate::store::{Lease, StoreError};
+use crate::store::{Fence, Lease, StoreError};
 
 /// Progress is persisted at most this often; watchers in this process see every tile.
 const PERSIST_EVERY: Duration = Duration::from_millis(500);
@@ -35,10 +35,10 @@ enum Outcome {
     Failed(String),
 }
 
-/// A task a worker holds: in shared mode under `owner`'s lease.
+/// A task a worker holds: in shared mode as run `run` (its fencing token) under a lease.
 struct Claimed {
     task: TaskRecord,
-    owner: Option<String>,
+    run: Option<u64>,
 }
 
 /// How long an idle worker of the shared queue waits before looking again by itself (a
@@ -69,7 +69,7 @@ async fn next_local(inner: &Arc<Inner>, queue: &super::LocalQueue) -> Option<Cla
         inner.queue_changed();
         if let Some(task) = inner.current(&task_id).await {
             if !task.state.is_terminal() {
-                return Some(Claimed { task, owner: None });
+                return Some(Claimed { task, run: None });
             }
         }
     }
@@ -99,10 +99,8 @@ async fn next_shared(inner: &Arc<Inner>, owner: &str) -> Option<Claimed> {
             Ok(Some(task)) if task.state.is_terminal() => continue,
             Ok(Some(task)) if task.cancel_requested => {
                 // Cancelled while it waited, or while an instance that since died ran it.
-                let claimed = Claimed {
-                    task,
-                    owner: Some(owner.to_owned()),
-                };
+                let run = Some(task.run);
+                let claimed = Claimed { task, run };
                 tracing::info!(
                     task_id = claimed.task.id,
                     "claimed a task whose cancellation waits; ending it"
@@ -111,10 +109,8 @@ async fn next_shared(inner: &Arc<Inner>, owner: &str) -> Option<Claimed> {
                 continue;
             }
             Ok(Some(task)) => {
-                let claimed = Claimed {
-                    task,
-                    owner: Some(owner.to_owned()),
-                };
+                let run = Some(task.run);
+                let claimed = Claimed { task, run };
                 match inner
                     .locks
                     .acquire(&claimed.task.file_name, &claimed.task.id, inner.lock_ttl())
@@ -124,10 +120,22 @@ async fn next_shared(inner: &Arc<Inner>, owner: &str) -> Option<Claimed> {
                     Ok(Acquire::HeldBy(holder)) if holder == claimed.task.id => {
                         return Some(claimed)
                     }
-                    Ok(Acquire::HeldBy(other)) => {
+                    // Another task was admitted under the name: this one cannot run.
+                    Ok(Acquire::HeldBy(other))
+                        if matches!(inner.tasks.get(&other).await, Ok(Some(_))) =>
+                    {
                         let msg = format!("interrupted: file name taken over by task {other}");
                         finish(inner, &claimed, claimed.task.clone(), End::Failure(msg)).await;
                         continue;
+                    }
+                    // An upload checking the name holds it for a moment (it finds this task
+                    // and lets go), or the store cannot say: try again shortly.
+                    Ok(Acquire::HeldBy(_)) => {
+                        tracing::info!(
+                            task_id = claimed.task.id,
+                            "the name of a claimed task is held for a moment; giving it back"
+                        );
+                        give_back(inner, &claimed, &claimed.task).await;
                     }
                     Err(e) => {
                         tracing::warn!(task_id = claimed.task.id, error = %e, "cannot lock a claimed task; giving it back");
@@ -153,11 +161,12 @@ async fn next_shared(inner: &Arc<Inner>, owner: &str) -> Option<Claimed> {
 }
 
 async fn run_job(inner: &Arc<Inner>, claimed: Claimed) {
-    let owner = claimed.owner.as_deref();
+    let run = claimed.run;
     let started_before = claimed.task.state == TaskState::Started;
     tracing::info!(
         model = claimed.task.options.model,
         instance = inner.instance,
+        run,
         takeover = started_before,
         "task started"
     );
@@ -168,23 +177,26 @@ async fn run_job(inner: &Arc<Inner>, claimed: Claimed) {
         queue_position: 0,
         ..claimed.task.clone()
     };
-    let Some(user) = inner.begin(&task) else {
+    let Some(tokens) = inner.begin(&task, run) else {
         // Cancelled between leaving the queue and now: the cancellation ended it.
         tracing::info!("task cancelled before it started");
         return;
     };
-    // In shared mode the lease must outlive the work; losing it stops the work.
+    let user = tokens.cancelled;
+    // In shared mode the lease must outlive the work; losing it stops the work, and so does
+    // losing the file-name lock to another task.
     let cancel = inner.shutdown.child_token();
-    if let Some(owner) = owner {
+    tokio::spawn(stop_on(tokens.lock_lost.clone(), cancel.clone()));
+    if let Some(run) = run {
         tokio::spawn(lifecycle::keep_lease(
             inner.clone(),
             task.id.clone(),
-            owner.to_owned(),
+            run,
             cancel.clone(),
             user.clone(),
         ));
     }
-    match inner.save(&task, owner).await {
+    match inner.save(&task, run).await {
         Ok(Lease::Held) => {}
         Ok(Lease::CancelRequested) => user.cancel(),
         Ok(Lease::Lost) => {
@@ -198,12 +210,16 @@ async fn run_job(inner: &Arc<Inner>, claimed: Claimed) {
     let started = Instant::now();
     let running = metrics::gauge!(crate::metrics::RUNNING_TASKS);
     running.increment(1.0);
-    let mut outcome = execute(inner, &mut task, &claimed.owner, &cancel, &user).await;
+    let mut outcome = execute(inner, &mut task, run, &cancel, &user).await;
     running.decrement(1.0);
     // A cancellation that arrived during the last tile or the encoding still wins: nothing
     // is stored.
     if user.is_cancelled() && matches!(outcome, Outcome::Interrupted | Outcome::Done(..)) {
         outcome = Outcome::Cancelled;
+    }
+    // So does the loss of the name to another task.
+    if tokens.lock_lost.is_cancelled() && matches!(outcome, Outcome::Done(..)) {
+        outcome = Outcome::Interrupted;
     }
     let state = match &outcome {
         Outcome::Done(..) => "SUCCESS",
@@ -219,33 +235,24 @@ async fn run_job(inner: &Arc<Inner>, claimed: Claimed) {
     .record(started.elapsed().as_secs_f64());
     match outcome {
         Outcome::Done(meta, bytes) => {
-            if let Err(e) = inner.results.put(&meta, bytes).await {
-                tracing::error!(error = %e, "cannot store the result");
-                if owner.is_some() && matches!(e, StoreError::Unavailable(_)) {
-                    // Leave it leased: when the lease runs out, it runs again somewhere.
-                    cancel.cancel();
-                    inner.retire(&task.id);
-                    return;
-                }
-                cancel.cancel();
-                return finish(
-                    inner,
-                    &claimed,
-                    task,
-                    End::Failure("the result could not be stored".into()),
-                )
-                .await;
-            }
-            task.output_width = meta.width;
-            task.output_height = meta.height;
-            task.tiles_done = task.tiles_total;
-            tracing::info!(
-                seconds = started.elapsed().as_secs_f64(),
-                bytes = meta.size,
-                "task succeeded"
-            );
+            let stored = store_result(inner, &task, run, &meta, bytes, &user).await;
             cancel.cancel();
-            finish(inner, &claimed, task, End::Success).await;
+            match stored {
+                Stored::Yes => {
+                    task.output_width = meta.width;
+                    task.output_height = meta.height;
+                    task.tiles_done = task.tiles_total;
+                    tracing::info!(
+                        seconds = started.elapsed().as_secs_f64(),
+                        bytes = meta.size,
+                        "task succeeded"
+                    );
+                    finish(inner, &claimed, task, End::Success).await;
+                }
+                Stored::Cancelled => finish(inner, &claimed, task, End::Cancelled).await,
+                Stored::Failed(msg) => finish(inner, &claimed, task, End::Failure(msg)).await,
+                Stored::NotOurs => inner.retire(&task.id),
+            }
         }
         Outcome::Failed(msg) => {
             tracing::warn!(error = msg, "task failed");
@@ -268,6 +275,14 @@ async fn run_job(inner: &Arc<Inner>, claimed: Claimed) {
             give_back(inner, &claimed, &task).await;
             inner.retire(&task.id);
         }
+        Outcome::Interrupted if tokens.lock_lost.is_cancelled() => {
+            // Another task holds the name now: this one ends, storing nothing (and records
+            // its end only while its run is still the task's current one).
+            tracing::warn!("lost the file-name lock to another task; stopped with nothing stored");
+            cancel.cancel();
+            let msg = "interrupted: file name taken over by another task".to_string();
+            finish(inner, &claimed, task, End::Failure(msg)).await;
+        }
         Outcome::Interrupted if !inner.shutdown.is_cancelled() => {
             // The lease went to another instance, which runs the task from the start.
             tracing::warn!("lost the task's lease to another instance; dropping it here");
@@ -276,7 +291,7 @@ async fn run_job(inner: &Arc<Inner>, claimed: Claimed) {
         Outcome::Interrupted => {
             tracing::info!("task interrupted by shutdown; back to PENDING");
             reset(&mut task);
-            if owner.is_some() {
+            if run.is_some() {
                 // Another instance may take it now; the file-name lock stays with the task
                 // (its token is the task id) until that instance renews it.
                 give_back(inner, &claimed, &task).await;
@@ -292,6 +307,105 @@ async fn run_job(inner: &Arc<Inner>, claimed: Claimed) {
     }
 }
 
+/// Cancels `stop` when `trigger` trips (until `stop` is cancelled anyway).
+async fn stop_on(trigger: CancellationToken, stop: CancellationToken) {
+    tokio::select! {
+        _ = trigger.cancelled() => stop.cancel(),
+        _ = stop.cancelled() => {}
+    }
+}
+
+/// What became of a finished run's result.
+enum Stored {
+    Yes,
+    /// Not stored: a client cancelled the task meanwhile.
+    Cancelled,
+    /// Not stored; the task ends FAILURE with this message.
+    Failed(String),
+    /// Not stored, and the task is not this run's any more (another run holds it, or the
+    /// store is away and the lease will lapse): record nothing.
+    NotOurs,
+}
+
+/// Stores a run's result, fenced twice: the store asks whether the run is still the task's
+/// current one after writing the bytes and right before the swap, and the swap itself
+/// replaces only what the task may replace (a compare-and-swap), so a run that stalls
+/// between the two still cannot put an old image over a newer one.
+async fn store_result(
+    inner: &Arc<Inner>,
+    task: &TaskRecord,
+    run: Option<u64>,
+    meta: &ResultMeta,
+    bytes: Vec<u8>,
+    user: &CancellationToken,
+) -> Stored {
+    let fence = match (&inner.queue, run) {
+        (Queue::Shared { store, .. }, Some(run)) => {
+            let (store, id, ttl) = (store.clone(), task.id.clone(), inner.lock_ttl());
+            Fence::new(move || {
+                let (store, id) = (store.clone(), id.clone());
+                Box::pin(async move {
+                    match store.renew_lease(&id, run, ttl).await? {
+                        Lease::Held => Ok(()),
+                        Lease::CancelRequested | Lease::Lost => Err(StoreError::Conflict(
+                            "the run no longer holds the task".into(),
+                        )),
+                    }
+                })
+            })
+        }
+        _ => Fence::NONE,
+    };
+    match inner.results.put(meta, bytes, &task.replaces, &fence).await {
+        Ok(()) => {
+            tracing::info!(run = meta.run, sha256 = meta.sha256, "result stored");
+            Stored::Yes
+        }
+        Err(StoreError::Conflict(why)) => {
+            tracing::warn!(reason = why, "nothing stored");
+            match still_held(inner, task, run).await {
+                Some(other) => other,
+                None if user.is_cancelled() => Stored::Cancelled,
+                None => Stored::Failed(format!(
+                    "superseded: another result was stored under `{}` while this task ran",
+                    task.file_name
+                )),
+            }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot store the result");
+            if run.is_some() && matches!(e, StoreError::Unavailable(_)) {
+                // Leave it leased: when the lease runs out, it runs again somewhere.
+                return Stored::NotOurs;
+            }
+            Stored::Failed("the result could not be stored".into())
+        }
+    }
+}
+
+/// Shared mode: `None` while run `run` still holds the task (so it may write), else what to
+/// do instead of writing.
+async fn still_held(inner: &Arc<Inner>, task: &TaskRecord, run: Option<u64>) -> Option<Stored> {
+    let (Queue::Shared { store, .. }, Some(run)) = (&inner.queue, run) else {
+        return None;
+    };
+    match store.renew_lease(&task.id, run, inner.lock_ttl()).await {
+        Ok(Lease::Held) => None,
+        Ok(Lease::CancelRequested) => Some(Stored::Cancelled),
+        Ok(Lease::Lost) => {
+            tracing::warn!(
+                run,
+                "another run holds the task now; this one stores nothing"
+            );
+            Some(Stored::NotOurs)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot check the task's lease; storing nothing, it runs again");
+            Some(Stored::NotOurs)
+        }
+    }
+}
+
 fn reset(task: &mut TaskRecord) {
     task.state = TaskState::Pending;
     task.started_at_ms = None;
@@ -300,14 +414,21 @@ fn reset(task: &mut TaskRecord) {
 
 /// Shared mode: returns the task to the queue for any instance to claim.
 async fn give_back(inner: &Arc<Inner>, claimed: &Claimed, task: &TaskRecord) {
-    let (Queue::Shared { store, .. }, Some(owner)) = (&inner.queue, &claimed.owner) else {
+    let (Queue::Shared { store, .. }, Some(run)) = (&inner.queue, claimed.run) else {
         return;
     };
-    match store.unlease(task, owner).await {
-        Ok(_) => {
+    match store.unlease(task, run).await {
+        Ok(true) => {
             inner.publish(task).await;
+            // It waits again: its file-name lock must outlive the wait.
+            tokio::spawn(lifecycle::keep_queued_lock(
+                inner.clone(),
+                task.file_name.clone(),
+                task.id.clone(),
+            ));
             inner.wake_workers().await;
         }
+        Ok(false) => tracing::warn!("another run holds the task now; not giving it back"),
         // The lease runs out by itself and the task is claimed again then.
         Err(e) => tracing::warn!(error = %e, "cannot give the task back; its lease will expire"),
     }
@@ -345,10 +466,10 @@ pub(super) fn ended(inner: &Inner, mut task: TaskRecord, end: End) -> TaskRecord
 /// Ends a task: records the terminal state, then frees the name and the source.
 async fn finish(inner: &Arc<Inner>, claimed: &Claimed, task: TaskRecord, end: End) {
     let task = ended(inner, task, end);
-    let owner = claimed.owner.as_deref();
+    let run = claimed.run;
     let mut attempt = 0;
     loop {
-        match inner.save(&task, owner).await {
+        match inner.save(&task, run).await {
             Ok(Lease::Held | Lease::CancelRequested) => break,
             Ok(Lease::Lost) => {
                 tracing::warn!("another instance took the task over; not recording its end");
@@ -364,7 +485,7 @@ async fn finish(inner: &Arc<Inner>, claimed: &Claimed, task: TaskRecord, end: En
             }
             Err(e) => {
                 tracing::error!(error = %e, "cannot record the end of the task");
-                if owner.is_some() {
+                if run.is_some() {
                     // Unrecorded: the lease runs out and the task runs again.
                     inner.retire(&task.id);
                     return;
@@ -383,7 +504,7 @@ async fn finish(inner: &Arc<Inner>, claimed: &Claimed, task: TaskRecord, end: En
 async fn execute(
     inner: &Arc<Inner>,
     task: &mut TaskRecord,
-    owner: &Option<String>,
+    run: Option<u64>,
     cancel: &CancellationToken,
     user: &CancellationToken,
 ) -> Outcome {
@@ -432,7 +553,6 @@ async fn execute(
         Ok::<_, PipelineError>((encoded, out.width(), out.height()))
     });
     let mut last_persist = Instant::now();
-    let owner = owner.as_deref();
     let tiles = metrics::counter!(crate::metrics::TILES, "model" => task.options.model.clone());
     while let Some(p) = rx.recv().await {
         // Progress only moves forward, even if a pass reports a smaller total.
@@ -442,7 +562,7 @@ async fn execute(
         task.tiles_done = done;
         if last_persist.elapsed() >= PERSIST_EVERY {
             last_persist = Instant::now();
-            match inner.save(task, owner).await {
+            match inner.save(task, run).await {
                 Ok(Lease::Held) => {}
                 Ok(Lease::CancelRequested) => user.cancel(),
                 // Another instance took the task over: stop now.
@@ -466,6 +586,7 @@ async fn execute(
                 model: task.options.model.clone(),
                 task_id: task.id.clone(),
                 created_at_ms: now_ms(),
+                run: run.unwrap_or(0),
             };
             Outcome::Done(meta, bytes)
         }

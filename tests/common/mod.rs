@@ -83,6 +83,7 @@ pub fn compare(a: &[u8], b: &[u8]) -> (u8, f64) {
     }
     (max, same as f64 / a.len() as f64)
 }
+pub mod cluster;
 pub mod http;
 pub mod server;
 

@@ -89,14 +89,30 @@ impl Place {
         s
     }
 
-    /// Files left in the temp dir (uploads in flight or sources of live tasks).
+    /// The folder under TEMP_DIR where a single instance of this place keeps its files.
+    pub fn work_dir(&self) -> PathBuf {
+        upscaler::tasks::work_dir(&self.settings(), None)
+    }
+
+    /// Files left under the temp dir, in any instance's folder (uploads in flight or
+    /// sources of live tasks; not the folders' own lock files).
     pub fn temp_files(&self) -> Vec<String> {
-        match std::fs::read_dir(&self.temp_dir) {
-            Ok(d) => d
-                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-                .collect(),
-            Err(_) => Vec::new(),
+        fn walk(dir: &std::path::Path, out: &mut Vec<String>) {
+            let Ok(entries) = std::fs::read_dir(dir) else {
+                return;
+            };
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if e.path().is_dir() {
+                    walk(&e.path(), out);
+                } else if name != ".owner" {
+                    out.push(name);
+                }
+            }
         }
+        let mut out = Vec::new();
+        walk(&self.temp_dir, &mut out);
+        out
     }
 }
 
@@ -399,9 +415,11 @@ pub async fn store_result(place: &Place, name: &str, bytes: Vec<u8>) {
         model: "realesr-animevideov3".into(),
         task_id: "stored-by-test".into(),
         created_at_ms: 0,
+        run: 0,
     };
     let store = open_store(place).await;
-    upscaler::store::ResultStore::put(&*store, &meta, bytes)
+    let any = upscaler::tasks::types::Replaces::Any;
+    upscaler::store::ResultStore::put(&*store, &meta, bytes, &any, &upscaler::store::Fence::NONE)
         .await
         .unwrap();
 }

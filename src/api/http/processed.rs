@@ -107,6 +107,7 @@ mod tests {
             model: String::new(),
             task_id: String::new(),
             created_at_ms: 0,
+            run: 0,
         }
     }
 
