@@ -746,7 +746,7 @@ async fn mongo_results() {
 /// grace period.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mongo_streaming_fetch_survives_a_replacement() {
-    with_mongo(|store, _db| async move {
+    with_mongo(|store, db| async move {
         let name = format!("{}.png", unique());
         // Well past what one server reply carries (16 MiB), so most of it is read after
         // the swap.
@@ -764,10 +764,25 @@ async fn mongo_streaming_fetch_survives_a_replacement() {
             store.sweep_blobs(Duration::from_secs(600)).await.unwrap(),
             0
         );
+        // Kept whole, not only readable through this cursor: a server whose cursors hold
+        // their own copy would stream it even after a delete.
+        let count = |coll: &str| {
+            let coll = db.collection::<mongodb::bson::Document>(coll);
+            async move { coll.count_documents(mongodb::bson::doc! {}).await.unwrap() }
+        };
+        let old_chunks = (40 * MIB + 11).div_ceil(255 * 1024) as u64;
+        let new_chunks = MIB.div_ceil(255 * 1024) as u64;
+        assert_eq!(count("results.files").await, 2);
+        assert_eq!(count("results.chunks").await, old_chunks + new_chunks);
         while let Some(chunk) = chunks.next().await {
             read.extend(chunk.expect("the old version stays readable"));
         }
         assert!(read == old, "got the whole old version");
+        assert_eq!(read_back(&store, &name).await.unwrap().1, new);
+        // Past the grace period the old version goes, and only it.
+        assert_eq!(store.sweep_blobs(Duration::ZERO).await.unwrap(), 1);
+        assert_eq!(count("results.files").await, 1);
+        assert_eq!(count("results.chunks").await, new_chunks);
         assert_eq!(read_back(&store, &name).await.unwrap().1, new);
     })
     .await;
