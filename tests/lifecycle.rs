@@ -445,3 +445,58 @@ async fn webp_round_trip(place: Place) {
     assert_eq!(code, Code::AlreadyExists);
     server.stop().await;
 }
+
+/// A task is seen SUCCESS a moment before it frees its name (its end is recorded, then the
+/// lock released). The same upload in that moment waits for the name and is told
+/// ALREADY_PROCESSED, not IN_PROGRESS for a task that has ended. The moment is held open here
+/// by taking the ended task's lock in Redis, as it still held it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_right_after_success_is_already_processed() {
+    use upscaler::locks::{redis::RedisLocks, Acquire, LockManager};
+    let Some(backend) = srv::real_backend("an_upload_right_after_success_is_already_processed")
+    else {
+        return;
+    };
+    let place = Place::new(backend);
+    let server = Server::start(&place).await;
+    let mut c = server.client.clone();
+    let bytes = png(16, 16, 9);
+    let id = queued(&mut c, srv::meta("again.png"), &bytes).await;
+    assert_eq!(
+        srv::state(&srv::wait_done(&mut c, &id).await),
+        pb::TaskState::Success
+    );
+    let settings = place.settings();
+    let locks = RedisLocks::connect(
+        settings.redis_url.as_deref().unwrap(),
+        &settings.redis_prefix,
+    )
+    .await
+    .unwrap();
+    let ttl = Duration::from_secs(30);
+    assert_eq!(
+        locks.acquire("again.png", &id, ttl).await.unwrap(),
+        Acquire::Acquired
+    );
+    let started = Instant::now();
+    let again = tokio::spawn({
+        let mut c = c.clone();
+        let bytes = bytes.clone();
+        async move { srv::upload(&mut c, srv::meta("again.png"), &bytes).await }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !again.is_finished(),
+        "the upload waits while the ended task holds the name"
+    );
+    assert!(locks.release("again.png", &id).await.unwrap());
+    let again = again.await.unwrap().unwrap();
+    assert_eq!(
+        srv::outcome(&again),
+        pb::UploadOutcome::AlreadyProcessed,
+        "{again:?}"
+    );
+    assert_eq!(again.task_id, id);
+    assert!(started.elapsed() < Duration::from_secs(5));
+    server.stop().await;
+}

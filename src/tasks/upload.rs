@@ -8,6 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::stream::BoxStream;
 use futures::StreamExt;
@@ -74,7 +75,9 @@ pub(super) async fn accept(
 
     // A name being processed means "wait": answer before reading the bytes.
     if let Some(holder) = inner.locks.holder(&meta.file_name).await? {
-        return Ok(outcome(holder, OutcomeKind::InProgress));
+        if !ended(inner, &holder).await {
+            return Ok(outcome(holder, OutcomeKind::InProgress));
+        }
     }
     let received = receive(inner, declared, chunks).await?;
     if received.has_alpha && options.format == ResultFormat::Jpeg {
@@ -86,11 +89,7 @@ pub(super) async fn accept(
     let fingerprint = options.fingerprint(&received.sha256);
 
     let task_id = uuid::Uuid::new_v4().to_string();
-    if let Acquire::HeldBy(holder) = inner
-        .locks
-        .acquire(&meta.file_name, &task_id, inner.lock_ttl())
-        .await?
-    {
+    if let Some(holder) = lock_name(inner, &meta.file_name, &task_id).await? {
         return Ok(outcome(holder, OutcomeKind::InProgress));
     }
     // Decided under the lock, on what is true now: the bytes may have taken long to come,
@@ -113,6 +112,39 @@ pub(super) async fn accept(
         tracing::info!(task_id, file_name = meta.file_name, "upload queued");
     }
     decided.map(|()| outcome(task_id, OutcomeKind::Queued))
+}
+
+/// Whether `task_id`'s task has ended. An ended task still holds its name for the moment
+/// between recording its end (which its watchers see) and releasing the lock.
+async fn ended(inner: &Inner, task_id: &str) -> bool {
+    inner
+        .current(task_id)
+        .await
+        .is_some_and(|t| t.state.is_terminal())
+}
+
+/// Takes the name's lock for `task_id`, or gives the task that holds it. A holder that has
+/// ended is waited for (it is releasing the name, or its lock expires within the TTL), so a
+/// client that saw a task end and uploads again is not told the name is in progress.
+async fn lock_name(inner: &Inner, file_name: &str, task_id: &str) -> Result<Option<String>, Error> {
+    let deadline = tokio::time::Instant::now() + inner.lock_ttl();
+    let mut pause = Duration::from_millis(10);
+    loop {
+        match inner
+            .locks
+            .acquire(file_name, task_id, inner.lock_ttl())
+            .await?
+        {
+            Acquire::Acquired => return Ok(None),
+            Acquire::HeldBy(holder) => {
+                if !ended(inner, &holder).await || tokio::time::Instant::now() >= deadline {
+                    return Ok(Some(holder));
+                }
+            }
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(500));
+    }
 }
 
 /// What an upload holding the name's lock does.
