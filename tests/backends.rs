@@ -741,6 +741,54 @@ async fn mongo_results() {
     .await;
 }
 
+/// A store that restarts between a result's upload and its swap may have lost the uploaded
+/// bytes (acknowledged, not yet durable). The writer checks them before the swap and uploads
+/// them again, so the document never names bytes that are not there. The loss is made here
+/// by the writer's last check before the swap, which deletes the blob it just uploaded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mongo_result_bytes_lost_before_the_swap_are_written_again() {
+    with_mongo(|store, db| async move {
+        let name = format!("{}.png", unique());
+        let bytes = random_bytes(600 * 1024 + 5);
+        let lose_upload = {
+            let db = db.clone();
+            Fence::new(move || {
+                let db = db.clone();
+                Box::pin(async move {
+                    use mongodb::bson::doc;
+                    let files = db.collection::<mongodb::bson::Document>("results.files");
+                    let chunks = db.collection::<mongodb::bson::Document>("results.chunks");
+                    let blob = files.find_one(doc! {}).await.unwrap().unwrap();
+                    let id = blob.get_object_id("_id").unwrap();
+                    // Part of the chunks, as a server that flushed some of them.
+                    chunks
+                        .delete_one(doc! { "files_id": id, "n": 1 })
+                        .await
+                        .unwrap();
+                    Ok(())
+                })
+            })
+        };
+        ResultStore::put(
+            &store,
+            &meta(&name, &bytes),
+            bytes.clone(),
+            ANY,
+            &lose_upload,
+        )
+        .await
+        .unwrap();
+        assert!(
+            read_back(&store, &name).await.unwrap().1 == bytes,
+            "the stored result reads back whole"
+        );
+        // The broken upload is left pending for the sweeper, which deletes it.
+        assert_eq!(store.sweep_blobs(Duration::ZERO).await.unwrap(), 1);
+        assert!(read_back(&store, &name).await.unwrap().1 == bytes);
+    })
+    .await;
+}
+
 /// A fetch that is streaming a large result when a new one replaces it (and a sweep runs)
 /// still gets every byte of the version it opened: the old bytes outlive the swap by the
 /// grace period.

@@ -61,6 +61,8 @@ pub struct MongoStore {
     results: Collection<Document>,
     /// The files collection of the `results` bucket, where blobs are marked retired.
     result_files: Collection<Document>,
+    /// Its chunks, counted to tell whether a blob is stored whole.
+    result_chunks: Collection<Document>,
     bucket: GridFsBucket,
     uploads: GridFsBucket,
     /// Keeps a finished task that carries no `expires_at_ms` from living forever.
@@ -153,6 +155,7 @@ impl MongoStore {
         let (bucket, uploads) = (bucket(BUCKET), bucket(UPLOADS));
         Ok(Self {
             result_files: db.collection::<Document>(&format!("{BUCKET}.files")),
+            result_chunks: db.collection::<Document>(&format!("{BUCKET}.chunks")),
             db,
             tasks,
             results,
@@ -181,6 +184,60 @@ impl MongoStore {
             doc.insert("expires_at", bson::DateTime::from_millis(ms));
         }
         Ok(doc)
+    }
+
+    /// Uploads a result's bytes as a new blob, marked pending until a document uses it: the
+    /// sweeper deletes pending blobs left behind by a refused or failed swap, or by an
+    /// instance that died before it.
+    async fn upload_blob(&self, file_name: &str, bytes: &[u8]) -> Result<ObjectId, StoreError> {
+        let mut upload = self
+            .bucket
+            .open_upload_stream(file_name)
+            .metadata(doc! { "pending": true })
+            .await
+            .map_err(|e| driver_error("uploading a result", e))?;
+        let blob = upload.id().as_object_id();
+        let uploaded = async {
+            upload.write_all(bytes).await?;
+            upload.close().await
+        }
+        .await;
+        if let Err(e) = uploaded {
+            let _ = upload.abort().await;
+            return Err(StoreError::Unavailable(format!(
+                "MongoDB, uploading result {file_name}: {e}"
+            )));
+        }
+        blob.ok_or_else(|| StoreError::Corrupt("GridFS gave a non-ObjectId file id".into()))
+    }
+
+    /// Whether blob `id` is stored whole: its files document, of `len` bytes, and all its
+    /// chunks.
+    async fn blob_whole(&self, id: ObjectId, len: usize) -> Result<bool, StoreError> {
+        let err = |e| driver_error("checking a result blob", e);
+        let Some(file) = self
+            .result_files
+            .find_one(doc! { "_id": id })
+            .await
+            .map_err(err)?
+        else {
+            return Ok(false);
+        };
+        let number = |key: &str| {
+            file.get_i64(key)
+                .or_else(|_| file.get_i32(key).map(i64::from))
+                .ok()
+        };
+        let (Some(length), Some(chunk_size)) = (number("length"), number("chunkSize")) else {
+            return Ok(false);
+        };
+        let chunks = self
+            .result_chunks
+            .count_documents(doc! { "files_id": id })
+            .await
+            .map_err(err)?;
+        let expected = (len as u64).div_ceil(chunk_size.max(1) as u64);
+        Ok(length == len as i64 && chunks == expected)
     }
 
     async fn open_blob(&self, id: ObjectId) -> Result<Option<GridFsDownloadStream>, StoreError> {
@@ -639,36 +696,20 @@ impl ResultStore for MongoStore {
         fence: &Fence,
     ) -> Result<(), StoreError> {
         check_size(meta, bytes.len())?;
-        // Marked pending until a document uses it: the sweeper deletes pending blobs left
-        // behind by a refused or failed swap, or by an instance that died before it.
-        let mut upload = self
-            .bucket
-            .open_upload_stream(&meta.file_name)
-            .metadata(doc! { "pending": true })
-            .await
-            .map_err(|e| driver_error("uploading a result", e))?;
-        let blob = upload.id().as_object_id();
-        let uploaded = async {
-            upload.write_all(&bytes).await?;
-            upload.close().await
-        }
-        .await;
-        if let Err(e) = uploaded {
-            let _ = upload.abort().await;
-            return Err(StoreError::Unavailable(format!(
-                "MongoDB, uploading result {}: {e}",
-                meta.file_name
-            )));
-        }
-        let Some(blob) = blob else {
-            return Err(StoreError::Corrupt(
-                "GridFS gave a non-ObjectId file id".into(),
-            ));
-        };
+        let mut blob = self.upload_blob(&meta.file_name, &bytes).await?;
         crate::failpoint::pause_at("result-uploaded").await;
         if let Err(e) = fence.check().await {
             self.retire_blob(blob).await;
             return Err(e);
+        }
+        // A server that restarted since the upload may have lost it (writes acknowledged
+        // but not yet durable): a document must never name bytes that are not there.
+        if !self.blob_whole(blob, bytes.len()).await? {
+            tracing::warn!(
+                file_name = meta.file_name,
+                "the result's uploaded bytes are gone (the store restarted?); uploading them again"
+            );
+            blob = self.upload_blob(&meta.file_name, &bytes).await?;
         }
         // Past every check: what keeps a writer stalled here from replacing a newer result
         // is the swap's own condition.
