@@ -112,6 +112,14 @@ pub async fn connect(
                 .map_err(|_| ClientError::Input("the token must be printable ASCII".into()))
         })
         .transpose()?;
+    Ok(UpscalerClient::with_interceptor(
+        channel(addr, ca).await?,
+        Token(token),
+    ))
+}
+
+/// A connection to `addr`, as `connect` makes it, for any service.
+async fn channel(addr: &str, ca: Option<&Path>) -> Result<Channel, ClientError> {
     let endpoint = Channel::from_shared(addr.to_string())
         .map_err(|e| ClientError::Input(format!("bad server address `{addr}`: {e}")))?
         .connect_timeout(Duration::from_secs(5));
@@ -128,10 +136,39 @@ pub async fn connect(
     } else {
         endpoint
     };
-    let channel = endpoint.connect().await.map_err(|e| {
-        ClientError::Unavailable(format!("cannot connect to {addr}: {}", cause(&e)))
-    })?;
-    Ok(UpscalerClient::with_interceptor(channel, Token(token)))
+    endpoint
+        .connect()
+        .await
+        .map_err(|e| ClientError::Unavailable(format!("cannot connect to {addr}: {}", cause(&e))))
+}
+
+/// The `grpc.health.v1` status of `service` ("" for the whole server) at `addr`, within
+/// `timeout`. Health needs no token.
+pub async fn health(
+    addr: &str,
+    ca: Option<&Path>,
+    service: &str,
+    timeout: Duration,
+) -> Result<tonic_health::pb::health_check_response::ServingStatus, ClientError> {
+    use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+    let check = async {
+        let mut client = HealthClient::new(channel(addr, ca).await?);
+        let reply = client
+            .check(HealthCheckRequest {
+                service: service.to_string(),
+            })
+            .await
+            .map_err(|s| ClientError::from_status("health check", s))?;
+        Ok(reply.into_inner().status())
+    };
+    tokio::time::timeout(timeout, check)
+        .await
+        .unwrap_or_else(|_| {
+            Err(ClientError::Unavailable(format!(
+                "{addr} did not answer within {}s",
+                timeout.as_secs_f64()
+            )))
+        })
 }
 
 /// Runs `attempt` (a connection and the first call on it) until it gets anything but

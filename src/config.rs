@@ -25,19 +25,21 @@ pub struct Settings {
     /// MongoDB database name.
     #[arg(long, env = "MONGO_DATABASE", default_value = "upscaler")]
     pub mongo_database: String,
-    /// Directory of the embedded store (used when MONGO_URI is unset).
-    #[arg(long, env = "DATA_DIR", default_value = "data")]
+    /// Directory of the embedded store (used when MONGO_URI is unset) and of MODELS_DIR by
+    /// default: the user's data folder unless set.
+    #[arg(long, env = "DATA_DIR", default_value_os_t = default_data_dir())]
     pub data_dir: PathBuf,
     /// Directory for uploads waiting to be processed.
     #[arg(long, env = "TEMP_DIR", default_value_os_t = std::env::temp_dir().join("upscaler"))]
     pub temp_dir: PathBuf,
-    /// Directory holding `<model>.safetensors`.
-    #[arg(long, env = "UPSCALER_WEIGHTS_DIR", default_value = "weights")]
-    pub weights_dir: PathBuf,
+    /// Directory holding `<model>.safetensors`, searched before ./weights, `weights/` beside
+    /// the executable, `<exe>/../share/upscaler/weights` and the source tree.
+    #[arg(long, env = "UPSCALER_WEIGHTS_DIR")]
+    pub weights_dir: Option<PathBuf>,
     /// Directory of your own models (`.pth`, `.safetensors`, ncnn `.param` + `.bin`), each
-    /// named by its file stem; scanned at start and on SIGHUP.
-    #[arg(long, env = "MODELS_DIR", default_value = "models")]
-    pub models_dir: PathBuf,
+    /// named by its file stem; scanned at start and on SIGHUP [default: DATA_DIR/models]
+    #[arg(long, env = "MODELS_DIR")]
+    pub models_dir: Option<PathBuf>,
     /// Concurrent inference workers. Each inference already uses every core.
     #[arg(long, env = "WORKERS", default_value_t = 1)]
     pub workers: usize,
@@ -193,6 +195,13 @@ impl Settings {
         Duration::from_secs(self.lock_ttl_secs)
     }
 
+    /// MODELS_DIR, or `models/` in DATA_DIR.
+    pub fn models_dir(&self) -> PathBuf {
+        self.models_dir
+            .clone()
+            .unwrap_or_else(|| default_models_dir(&self.data_dir))
+    }
+
     /// Settings for tests and embedding: defaults with the given directories.
     pub fn for_dirs(data_dir: PathBuf, temp_dir: PathBuf, weights_dir: PathBuf) -> Self {
         #[derive(clap::Parser)]
@@ -201,12 +210,25 @@ impl Settings {
             settings: Settings,
         }
         let mut s = <Wrapper as clap::Parser>::parse_from(["upscaler"]).settings;
-        s.models_dir = data_dir.join("models");
         s.data_dir = data_dir;
         s.temp_dir = temp_dir;
-        s.weights_dir = weights_dir;
+        s.weights_dir = Some(weights_dir);
         s
     }
+}
+
+/// DATA_DIR when unset: the user's data folder (`$XDG_DATA_HOME/upscaler`, else
+/// `~/.local/share/upscaler` on Linux; the platform's own elsewhere), so every start finds
+/// the same store whatever the current folder. Without a home folder: `data`.
+pub fn default_data_dir() -> PathBuf {
+    directories::ProjectDirs::from("", "", "upscaler")
+        .map(|d| d.data_dir().to_path_buf())
+        .unwrap_or_else(|| PathBuf::from("data"))
+}
+
+/// MODELS_DIR when unset.
+pub fn default_models_dir(data_dir: &std::path::Path) -> PathBuf {
+    data_dir.join("models")
 }
 
 /// A credential: never printed, compared in constant time.

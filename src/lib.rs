@@ -10,6 +10,7 @@ pub mod api;
 pub mod bench;
 pub mod client;
 pub mod config;
+pub mod doctor;
 pub mod events;
 mod failpoint;
 pub mod imaging;
@@ -20,5 +21,5 @@ pub mod pipeline;
 pub mod store;
 pub mod tasks;
 
-pub use api::{run, serve};
+pub use api::{run, serve, ServeError};
 pub use config::Settings;

@@ -15,8 +15,10 @@ use upscaler::api::pb;
 use upscaler::client::{self, ClientError};
 use upscaler::imaging::{self, ImagingError, OutputFormat};
 use upscaler::model::catalog::{self, Catalog};
+use upscaler::model::locate::WeightsDirs;
 use upscaler::model::{self, registry, weights, Model, ModelError, Prepare, Progress};
 use upscaler::pipeline::{self, AlphaMode, EnhanceOptions, PipelineError, TileSize};
+use upscaler::ServeError;
 
 #[derive(Parser)]
 #[command(name = "upscaler", version, about = "Real-ESRGAN image upscaling")]
@@ -25,18 +27,45 @@ struct Cli {
     command: Command,
 }
 
+/// Where models are found.
+#[derive(clap::Args, Clone)]
+struct Folders {
+    /// Directory holding `<model>.safetensors`, searched before ./weights, the executable's
+    /// folder and the source tree.
+    #[arg(long, env = "UPSCALER_WEIGHTS_DIR")]
+    weights_dir: Option<PathBuf>,
+    /// Directory of your own models, each named by its file stem [default: models/ in
+    /// DATA_DIR]
+    #[arg(long, env = "MODELS_DIR")]
+    models_dir: Option<PathBuf>,
+}
+
+impl Folders {
+    fn catalog(&self) -> Catalog {
+        let weights = WeightsDirs::search(self.weights_dir.as_deref());
+        let models_dir = self
+            .models_dir
+            .clone()
+            .unwrap_or_else(|| upscaler::config::default_models_dir(&data_dir_setting()));
+        Catalog::scan(&weights, Some(&models_dir))
+    }
+}
+
+/// DATA_DIR as the server would use it, for commands that run without the server's settings.
+fn data_dir_setting() -> PathBuf {
+    std::env::var_os("DATA_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(upscaler::config::default_data_dir)
+}
+
 #[derive(clap::Args, Clone)]
 struct ModelArgs {
     /// Model name (see `upscaler models`) [default: realesrgan-x4plus; with --weights, the
     /// file's stem]
     #[arg(long, short = 'm', env = "UPSCALER_MODEL")]
     model: Option<String>,
-    /// Directory holding `<model>.safetensors`.
-    #[arg(long, env = "UPSCALER_WEIGHTS_DIR", default_value = "weights")]
-    weights_dir: PathBuf,
-    /// Directory of your own models, each named by its file stem.
-    #[arg(long, env = "MODELS_DIR", default_value = "models")]
-    models_dir: PathBuf,
+    #[command(flatten)]
+    folders: Folders,
     /// A weights file to use instead (.safetensors, PyTorch .pth, or ncnn .param/.bin): with
     /// --model naming a registry model, its configuration; otherwise recognised from the file.
     #[arg(long)]
@@ -57,23 +86,7 @@ impl ModelArgs {
             }
             (None, name) => {
                 let name = name.as_deref().unwrap_or(registry::DEFAULT_MODEL);
-                let found = Catalog::scan(&self.weights_dir, Some(&self.models_dir));
-                match found.find(name) {
-                    Ok(e) => Ok(e.clone()),
-                    // A registry model without its weights: say where they were looked for.
-                    Err(_) if model::find(name).is_ok() => {
-                        let spec = model::find(name)?;
-                        Err(ModelError::WeightsNotFound {
-                            model: name.to_string(),
-                            path: self
-                                .weights_dir
-                                .join(spec.weights_file_name())
-                                .display()
-                                .to_string(),
-                        })
-                    }
-                    Err(e) => Err(e),
-                }
+                self.folders.catalog().require(name).cloned()
             }
         }
     }
@@ -187,6 +200,30 @@ enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Ask a server whether it serves (grpc.health.v1): prints its status; exit 0 when
+    /// SERVING, 1 when not (still starting, or a backend is down), 3 when unreachable. For
+    /// container health checks.
+    Health {
+        /// Server address.
+        #[arg(long, env = "UPSCALER_ADDR", default_value = "http://127.0.0.1:50051")]
+        addr: String,
+        /// CA certificate (PEM) to trust for an https:// address.
+        #[arg(long, env = "UPSCALER_CA")]
+        ca: Option<PathBuf>,
+        /// The service to ask about; empty: the whole server.
+        #[arg(long, default_value = "")]
+        service: String,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 5.0, value_name = "SECS")]
+        timeout: f64,
+    },
+    /// Check this installation: version, CPU path, weights (against weights/README.md),
+    /// models, store and locks (reaching Redis and MongoDB when configured). Prints each
+    /// problem with its fix; exit 1 when there is one. Reads the same settings as `serve`.
+    Doctor {
+        #[command(flatten)]
+        settings: Box<upscaler::Settings>,
+    },
     /// Delete a stored result by file name, freeing the name.
     Delete {
         name: String,
@@ -238,11 +275,8 @@ enum Command {
     /// their architecture, scale, channels, size, parameters and source file; files of the
     /// models folder that cannot be used are listed with the reason.
     Models {
-        #[arg(long, env = "UPSCALER_WEIGHTS_DIR", default_value = "weights")]
-        weights_dir: PathBuf,
-        /// Directory of your own models.
-        #[arg(long, env = "MODELS_DIR", default_value = "models")]
-        models_dir: PathBuf,
+        #[command(flatten)]
+        folders: Folders,
         /// Print one JSON object per model.
         #[arg(long)]
         json: bool,
@@ -270,11 +304,8 @@ enum Command {
         /// Timed passes per case (median reported), after one warm-up pass.
         #[arg(long, default_value_t = 3)]
         runs: usize,
-        #[arg(long, env = "UPSCALER_WEIGHTS_DIR", default_value = "weights")]
-        weights_dir: PathBuf,
-        /// Directory of your own models (benchmark them by name).
-        #[arg(long, env = "MODELS_DIR", default_value = "models")]
-        models_dir: PathBuf,
+        #[command(flatten)]
+        folders: Folders,
         /// Print one JSON object per case instead of a table.
         #[arg(long)]
         json: bool,
@@ -292,7 +323,8 @@ struct UnreadableInput {
     cause: std::io::Error,
 }
 
-/// Exit status 2 for bad input or usage, 1 for everything else.
+/// Exit status 2 for bad input, usage or setup (missing weights, a bad setting), 1 for
+/// everything else.
 fn exit_code(err: &anyhow::Error) -> u8 {
     let bad_input = err.chain().any(|e| {
         e.downcast_ref::<UnreadableInput>().is_some()
@@ -303,7 +335,15 @@ fn exit_code(err: &anyhow::Error) -> u8 {
             || e.downcast_ref::<ImagingError>().is_some()
             || matches!(
                 e.downcast_ref::<ModelError>(),
-                Some(ModelError::UnknownModel(_) | ModelError::UnknownModelIn { .. })
+                Some(
+                    ModelError::UnknownModel(_)
+                        | ModelError::UnknownModelIn { .. }
+                        | ModelError::WeightsMissing { .. }
+                )
+            )
+            || matches!(
+                e.downcast_ref::<ServeError>(),
+                Some(ServeError::Setup(_) | ServeError::Config(_))
             )
     });
     if bad_input {
@@ -344,7 +384,9 @@ fn main() -> ExitCode {
         | Command::Watch { .. }
         | Command::Fetch { .. }
         | Command::Cancel { .. }
+        | Command::Health { .. }
         | Command::Delete { .. }) => return client_command(command),
+        Command::Doctor { settings } => return doctor(&settings),
         command => run(command),
     };
     match result {
@@ -380,8 +422,43 @@ fn client_command(command: Command) -> ExitCode {
     }
 }
 
+/// Prints the installation report; exit 1 when it finds a problem.
+fn doctor(settings: &upscaler::Settings) -> ExitCode {
+    let report = match tokio::runtime::Runtime::new() {
+        Ok(r) => r.block_on(upscaler::doctor::examine(settings)),
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    print!("{}", report.text());
+    if report.problems.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
 async fn run_client(command: Command) -> Result<(), ClientError> {
     match command {
+        Command::Health {
+            addr,
+            ca,
+            service,
+            timeout,
+        } => {
+            let timeout = std::time::Duration::try_from_secs_f64(timeout)
+                .map_err(|_| ClientError::Input("--timeout must be a positive number".into()))?;
+            let status = client::health(&addr, ca.as_deref(), &service, timeout).await?;
+            println!("{}", status.as_str_name());
+            match status {
+                tonic_health::pb::health_check_response::ServingStatus::Serving => Ok(()),
+                _ => Err(ClientError::Other(format!(
+                    "{addr} is {}",
+                    status.as_str_name()
+                ))),
+            }
+        }
         Command::Upload {
             file,
             model,
@@ -753,6 +830,8 @@ fn run(command: Command) -> anyhow::Result<()> {
         | Command::Watch { .. }
         | Command::Fetch { .. }
         | Command::Cancel { .. }
+        | Command::Health { .. }
+        | Command::Doctor { .. }
         | Command::Delete { .. } => unreachable!("handled in main"),
         Command::Upscale {
             input,
@@ -792,12 +871,8 @@ fn run(command: Command) -> anyhow::Result<()> {
             let format = output_format(format, &output, jpeg_quality)?;
             upscale_file(&input, &output, &model, &opts, format)
         }
-        Command::Models {
-            weights_dir,
-            models_dir,
-            json,
-        } => {
-            let found = Catalog::scan(&weights_dir, Some(&models_dir));
+        Command::Models { folders, json } => {
+            let found = folders.catalog();
             let mut lines = Vec::new();
             if !json {
                 lines.push(format!(
@@ -817,7 +892,7 @@ fn run(command: Command) -> anyhow::Result<()> {
                         "out_channels": cout,
                         "size": e.size_text(),
                         "parameters": e.parameters,
-                        "source": e.file.display().to_string(),
+                        "source": e.source_text(),
                         "shipped": e.spec.shipped,
                         "fast_path": fast,
                         "description": e.spec.description,
@@ -862,8 +937,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             models,
             sizes,
             runs,
-            weights_dir,
-            models_dir,
+            folders,
             json,
             reference,
         } => {
@@ -894,8 +968,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             for name in names {
                 let args = ModelArgs {
                     model: Some(name),
-                    weights_dir: weights_dir.clone(),
-                    models_dir: models_dir.clone(),
+                    folders: folders.clone(),
                     weights: None,
                 };
                 let model = args.load(Prepare::Once)?;

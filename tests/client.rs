@@ -122,7 +122,7 @@ async fn exit_codes(place: Place) {
     )
     .unwrap();
     let mut settings = place.settings();
-    settings.weights_dir = weights.path().to_path_buf();
+    settings.weights_dir = Some(weights.path().to_path_buf());
     let server = Server::start_with(settings).await;
     let addr = format!("http://{}", server.addr);
     let dir = tempfile::tempdir().unwrap();

@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use upscaler::model::catalog::{self, Catalog, Origin};
 use upscaler::model::detect::Layout;
+use upscaler::model::locate::WeightsDirs;
 use upscaler::model::{rrdbnet, srvgg, weights, Arch, Prepare};
 
 fn fixture(name: &str) -> PathBuf {
@@ -171,7 +172,8 @@ fn a_models_folder_lists_what_it_can_use_and_names_what_it_cannot() {
     copy("compact_x4_1conv.pth", "realesr-animevideov3.pth");
     copy("compact_x4_1conv.pth", "compact.ckpt");
     std::fs::write(dir.path().join("notes.txt"), "not a model").unwrap();
-    let found = Catalog::scan(&common::root().join("weights"), Some(dir.path()));
+    let weights = WeightsDirs::search(Some(&common::root().join("weights")));
+    let found = Catalog::scan(&weights, Some(dir.path()));
     let names: Vec<&str> = found
         .entries()
         .iter()

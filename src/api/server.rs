@@ -33,6 +33,9 @@ pub enum ServeError {
     Bind { addr: String, cause: std::io::Error },
     #[error("cannot start: {0}")]
     Startup(String),
+    /// A setup problem the message says how to fix (exit status 2).
+    #[error("cannot start: {0}")]
+    Setup(String),
     #[error("gRPC server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
 }
@@ -71,10 +74,11 @@ async fn backends(settings: &Settings) -> Result<Backends, ServeError> {
         }
     };
     let Some(uri) = &settings.mongo_uri else {
-        let store = EmbeddedStore::open(&settings.data_dir).map_err(|e| {
-            ServeError::Startup(format!("DATA_DIR {}: {e}", settings.data_dir.display()))
-        })?;
-        tracing::info!(dir = %settings.data_dir.display(), "MONGO_URI unset: embedded store on local files, in-process queue");
+        // Absolute, so the log says which store this is whatever the current folder.
+        let dir = std::path::absolute(&settings.data_dir).unwrap_or(settings.data_dir.clone());
+        let store = EmbeddedStore::open(&dir)
+            .map_err(|e| ServeError::Startup(format!("DATA_DIR {}: {e}", dir.display())))?;
+        tracing::info!(dir = %dir.display(), "MONGO_URI unset: embedded store on local files, in-process queue");
         let store = Arc::new(store);
         let locks: Arc<dyn LockManager> = match redis {
             Some((_, locks)) => Arc::new(locks),
@@ -163,7 +167,10 @@ pub async fn serve(
                 let backends = backends(&settings).await?;
                 TaskService::start_with(settings, backends)
                     .await
-                    .map_err(|e| ServeError::Startup(e.to_string()))
+                    .map_err(|e| match e {
+                        crate::tasks::Error::Setup(m) => ServeError::Setup(m),
+                        e => ServeError::Startup(e.to_string()),
+                    })
             };
             match started.await {
                 Ok(service) => {

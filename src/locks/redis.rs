@@ -108,7 +108,7 @@ fn ttl_ms(ttl: Duration) -> i64 {
 }
 
 /// The URL with any password replaced, for error messages and logs.
-fn redact_url(url: &str) -> String {
+pub(crate) fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use candle_core::Device;
 
 use super::detect::{self, Detected, Layout, Shapes, Sidecar};
+use super::locate::{self, WeightsDirs};
 use super::registry::{self, Arch, ModelSpec};
 use super::resize::Resize;
 use super::{ncnn, weights, Model, ModelError, Prepare};
@@ -20,8 +21,10 @@ use super::{ncnn, weights, Model, ModelError, Prepare};
 /// Where a model comes from.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Origin {
-    /// A registry model (fixed configuration) with its weights in the weights folder.
+    /// A registry model (fixed configuration) with its weights in a weights folder.
     Registry,
+    /// A shipped model whose weights are compiled into the binary (`embed-weights`).
+    BuiltIn,
     /// A file of the models folder, recognised from its weights in this layout.
     Folder(Layout),
 }
@@ -30,7 +33,7 @@ pub enum Origin {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Entry {
     pub spec: ModelSpec,
-    /// The weights file (for ncnn, the `.param`).
+    /// The weights file (for ncnn, the `.param`); for built-in weights, just the name.
     pub file: PathBuf,
     pub origin: Origin,
     /// Parameters in the weights, where known without loading them.
@@ -59,6 +62,30 @@ impl Entry {
         }
     }
 
+    /// A shipped model with the weights compiled into the binary, if they are.
+    pub fn built_in(spec: &ModelSpec) -> Option<Self> {
+        let bytes = locate::built_in(&spec.weights_file_name())?;
+        let parameters = weights::safetensors_header_shapes(bytes)
+            .ok()
+            .map(|shapes| detect::parameter_count(&shapes));
+        Some(Self {
+            spec: spec.clone(),
+            file: PathBuf::from(spec.weights_file_name()),
+            origin: Origin::BuiltIn,
+            parameters,
+            bytes: bytes.len() as u64,
+            modified: None,
+        })
+    }
+
+    /// Where the weights are read from, for people: the file, or that they are built in.
+    pub fn source_text(&self) -> String {
+        match self.origin {
+            Origin::BuiltIn => format!("{} (built into the binary)", self.file.display()),
+            _ => self.file.display().to_string(),
+        }
+    }
+
     /// Whether the model runs on the fast CPU path. Every configuration the catalog accepts
     /// is one the fast path builds (tests/models.rs runs them all against the reference), so
     /// until the model is loaded this is true; once loaded, `loaded` says what it does (a
@@ -81,6 +108,12 @@ impl Entry {
     pub fn load(&self, device: &Device, prepare: Prepare) -> Result<Model, ModelError> {
         let tensors = match &self.origin {
             Origin::Registry => weights::read(&self.spec, &self.file)?,
+            Origin::BuiltIn => {
+                let bytes = locate::built_in(&self.spec.weights_file_name()).ok_or_else(|| {
+                    ModelError::format(format!("{} is not built in", self.file.display()))
+                })?;
+                weights::read_safetensors_bytes(bytes, &self.file)?
+            }
             Origin::Folder(layout) => {
                 let tensors = weights::read(&self.spec, &self.file)?;
                 layout
@@ -125,21 +158,27 @@ impl std::fmt::Display for Problem {
 pub struct Catalog {
     entries: Vec<Entry>,
     problems: Vec<Problem>,
+    /// Where the registry's weights were looked for.
+    weights: WeightsDirs,
 }
 
 /// Extensions of weight files in the models folder, in the order a stem's files are tried.
 const EXTENSIONS: [&str; 5] = ["safetensors", "pth", "pt", "ckpt", "param"];
 
 impl Catalog {
-    /// The registry's models with weights in `weights_dir`, then the models in `models_dir`
-    /// (if it is given and exists).
-    pub fn scan(weights_dir: &Path, models_dir: Option<&Path>) -> Self {
-        let mut catalog = Self::default();
+    /// The registry's models whose weights are found in `weights` (or built in), then the
+    /// models in `models_dir` (if it is given and exists).
+    pub fn scan(weights: &WeightsDirs, models_dir: Option<&Path>) -> Self {
+        let mut catalog = Self {
+            weights: weights.clone(),
+            ..Self::default()
+        };
         for spec in registry::REGISTRY.iter() {
-            let file = weights_dir.join(spec.weights_file_name());
-            if file.is_file() {
-                catalog.entries.push(Entry::registry(spec, file));
-            }
+            let found = match weights.find(&spec.weights_file_name()) {
+                Some(file) => Some(Entry::registry(spec, file)),
+                None => Entry::built_in(spec),
+            };
+            catalog.entries.extend(found);
         }
         if let Some(dir) = models_dir {
             catalog.scan_folder(dir);
@@ -216,6 +255,27 @@ impl Catalog {
     /// The files of the models folder that could not be used.
     pub fn problems(&self) -> &[Problem] {
         &self.problems
+    }
+
+    /// `find`, where a registry model without weights is a setup problem: the error names
+    /// every folder searched (for the command line and the server's default model).
+    pub fn require(&self, name: &str) -> Result<&Entry, ModelError> {
+        self.find(name).map_err(|e| match e {
+            ModelError::NotInstalled(_) => match registry::find(name) {
+                Ok(spec) => ModelError::WeightsMissing {
+                    model: name.to_string(),
+                    file: spec.weights_file_name(),
+                    searched: self.weights.searched(),
+                },
+                Err(e) => e,
+            },
+            e => e,
+        })
+    }
+
+    /// Where the registry's weights were looked for.
+    pub fn weights_dirs(&self) -> &WeightsDirs {
+        &self.weights
     }
 
     pub fn find(&self, name: &str) -> Result<&Entry, ModelError> {

@@ -9,6 +9,7 @@ pub mod catalog;
 pub mod detect;
 pub mod fastconv;
 mod layout;
+pub mod locate;
 pub mod ncnn;
 pub mod registry;
 pub mod resize;
@@ -37,6 +38,16 @@ pub enum ModelError {
     NotInstalled(String),
     #[error("weights for `{model}` not found at {path}")]
     WeightsNotFound { model: String, path: String },
+    /// A registry model's weights are in none of the folders searched (see `locate`).
+    #[error(
+        "weights for `{model}` not found: no {file} in {searched}. Put the file in one of these \
+         folders or set UPSCALER_WEIGHTS_DIR to a folder that holds it (see weights/README.md)"
+    )]
+    WeightsMissing {
+        model: String,
+        file: String,
+        searched: String,
+    },
     #[error("cannot read {path}: {cause}")]
     Io { path: String, cause: std::io::Error },
     #[error("invalid weights: {0}")]

@@ -69,6 +69,36 @@ pub struct MongoStore {
     task_ttl: Duration,
 }
 
+/// A client for `uri` whose server answered a `ping` within a few seconds, on `database`.
+pub async fn ping(uri: &str, database: &str) -> Result<mongodb::Database, StoreError> {
+    let shown = redact_uri(uri);
+    let scrub = |e| scrub_password(uri, e);
+    let mut options = ClientOptions::parse(uri).await.map_err(|e| {
+        StoreError::Unavailable(format!("invalid MongoDB URI {shown}: {}", scrub(e)))
+    })?;
+    options.server_selection_timeout.get_or_insert(TIMEOUT);
+    options.connect_timeout.get_or_insert(TIMEOUT);
+    options
+        .app_name
+        .get_or_insert_with(|| "upscaler".to_owned());
+    let client = Client::with_options(options).map_err(|e| {
+        StoreError::Unavailable(format!("MongoDB client for {shown}: {}", scrub(e)))
+    })?;
+    let db = client.database(database);
+    db.run_command(doc! { "ping": 1 }).await.map_err(|e| {
+        StoreError::Unavailable(format!("cannot reach MongoDB at {shown}: {}", scrub(e)))
+    })?;
+    Ok(db)
+}
+
+/// A driver error's text with the URI's password masked.
+fn scrub_password(uri: &str, e: mongodb::error::Error) -> String {
+    match uri_password(uri) {
+        Some(pw) if !pw.is_empty() => e.to_string().replace(pw, "***"),
+        _ => e.to_string(),
+    }
+}
+
 impl MongoStore {
     /// Connects, PINGs and creates the indexes, failing within seconds (with the URI's
     /// password masked) if the server is unreachable or the URI is wrong. Timeouts given in
@@ -79,27 +109,8 @@ impl MongoStore {
         database: &str,
         task_ttl: Duration,
     ) -> Result<Self, StoreError> {
-        let shown = redact_uri(uri);
-        let password = uri_password(uri);
-        let scrub = |e: mongodb::error::Error| match password {
-            Some(pw) if !pw.is_empty() => e.to_string().replace(pw, "***"),
-            _ => e.to_string(),
-        };
-        let mut options = ClientOptions::parse(uri).await.map_err(|e| {
-            StoreError::Unavailable(format!("invalid MongoDB URI {shown}: {}", scrub(e)))
-        })?;
-        options.server_selection_timeout.get_or_insert(TIMEOUT);
-        options.connect_timeout.get_or_insert(TIMEOUT);
-        options
-            .app_name
-            .get_or_insert_with(|| "upscaler".to_owned());
-        let client = Client::with_options(options).map_err(|e| {
-            StoreError::Unavailable(format!("MongoDB client for {shown}: {}", scrub(e)))
-        })?;
-        let db = client.database(database);
-        db.run_command(doc! { "ping": 1 }).await.map_err(|e| {
-            StoreError::Unavailable(format!("cannot reach MongoDB at {shown}: {}", scrub(e)))
-        })?;
+        let db = ping(uri, database).await?;
+        let scrub = |e| scrub_password(uri, e);
 
         let tasks = db.collection::<Document>("tasks");
         let indexes = [
@@ -945,7 +956,7 @@ fn uri_password(uri: &str) -> Option<&str> {
 }
 
 /// The URI with its password masked, for error messages and logs.
-fn redact_uri(uri: &str) -> String {
+pub(crate) fn redact_uri(uri: &str) -> String {
     match uri_password(uri) {
         Some(password) => {
             // The password sits right before the last '@' of the authority.

@@ -36,6 +36,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Settings;
 use crate::events::{Event, RedisEvents};
 use crate::locks::{LockError, LockManager};
+use crate::model::locate::WeightsDirs;
 use crate::pipeline::{AlphaMode, EnhanceOptions, TileSize};
 use crate::store::{
     ChunkStream, Lease, LocalSources, ResultStore, SourceStore, StoreError, TaskQueue, TaskStore,
@@ -71,6 +72,10 @@ pub enum Error {
     Aborted(String),
     #[error("internal error: {0}")]
     Internal(String),
+    /// The service is not set up to start (its default model's weights are missing): the
+    /// message says what to fix. Only `start` returns it.
+    #[error("{0}")]
+    Setup(String),
 }
 
 impl From<StoreError> for Error {
@@ -252,11 +257,14 @@ impl TaskService {
             None
         };
         settings.temp_dir = dir;
-        let models = ModelCache::new(settings.weights_dir.clone(), settings.models_dir.clone());
+        let models = ModelCache::new(
+            WeightsDirs::search(settings.weights_dir.as_deref()),
+            settings.models_dir(),
+        );
         models
-            .get(&settings.default_model)
+            .load_required(&settings.default_model)
             .await
-            .map_err(|e| Error::Internal(format!("cannot load the default model: {e}")))?;
+            .map_err(|e| Error::Setup(format!("cannot load the default model: {e}")))?;
         let queue = match backends.queue {
             Some(store) => Queue::Shared {
                 store,

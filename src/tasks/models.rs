@@ -9,6 +9,7 @@ use std::sync::{Arc, RwLock};
 use tokio::sync::Mutex;
 
 use crate::model::catalog::{Catalog, Entry, Origin};
+use crate::model::locate::WeightsDirs;
 use crate::model::{Model, ModelError, Prepare};
 
 /// A model as clients see it.
@@ -65,7 +66,7 @@ pub struct ModelCatalog {
 }
 
 pub struct ModelCache {
-    weights_dir: PathBuf,
+    weights: WeightsDirs,
     models_dir: PathBuf,
     catalog: RwLock<Arc<Catalog>>,
     /// Loaded models, with the catalog entry each was loaded from.
@@ -83,19 +84,28 @@ fn loaded_from<'a>(loaded: &'a Loaded, entry: &Entry) -> Option<&'a Arc<Model>> 
 }
 
 impl ModelCache {
-    /// Scans `weights_dir` and `models_dir` (logging each file that cannot be used).
-    pub fn new(weights_dir: PathBuf, models_dir: PathBuf) -> Self {
-        let catalog = Self::scan(&weights_dir, &models_dir);
+    /// Scans the weights folders and `models_dir` (logging each file that cannot be used).
+    pub fn new(weights: WeightsDirs, models_dir: PathBuf) -> Self {
+        let catalog = Self::scan(&weights, &models_dir);
+        for e in catalog.entries() {
+            if !matches!(e.origin, Origin::Folder(_)) {
+                tracing::info!(
+                    model = e.spec.name,
+                    weights = e.source_text(),
+                    "weights found"
+                );
+            }
+        }
         Self {
-            weights_dir,
+            weights,
             models_dir,
             catalog: RwLock::new(Arc::new(catalog)),
             loaded: Mutex::default(),
         }
     }
 
-    fn scan(weights_dir: &std::path::Path, models_dir: &std::path::Path) -> Catalog {
-        let catalog = Catalog::scan(weights_dir, Some(models_dir));
+    fn scan(weights: &WeightsDirs, models_dir: &std::path::Path) -> Catalog {
+        let catalog = Catalog::scan(weights, Some(models_dir));
         for p in catalog.problems() {
             tracing::warn!(file = %p.file.display(), reason = p.reason, "model file skipped");
         }
@@ -117,7 +127,7 @@ impl ModelCache {
     /// Scans the folders again: new files become models, removed ones go, and a model
     /// whose file changed is loaded afresh on its next use. Returns the number of models.
     pub async fn rescan(&self) -> usize {
-        let (w, m) = (self.weights_dir.clone(), self.models_dir.clone());
+        let (w, m) = (self.weights.clone(), self.models_dir.clone());
         let catalog = tokio::task::spawn_blocking(move || Self::scan(&w, &m))
             .await
             .unwrap_or_default();
@@ -139,6 +149,13 @@ impl ModelCache {
     /// The catalog entry of `name`.
     pub fn entry(&self, name: &str) -> Result<Entry, ModelError> {
         self.catalog().find(name).cloned()
+    }
+
+    /// Loads the model a server cannot start without: a missing one is a setup problem,
+    /// and the error says where the weights were looked for.
+    pub async fn load_required(&self, name: &str) -> Result<Arc<Model>, ModelError> {
+        self.catalog().require(name)?;
+        self.get(name).await
     }
 
     /// The model `name`, loading its weights on first use.

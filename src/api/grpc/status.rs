@@ -19,7 +19,7 @@ pub fn from_core(e: Error) -> Status {
             Status::unavailable("a storage or lock backend is unavailable; retry later")
         }
         Error::Aborted(m) => Status::cancelled(format!("upload aborted: {m}")),
-        Error::Internal(m) => {
+        Error::Internal(m) | Error::Setup(m) => {
             tracing::error!(cause = m, "request failed: internal error");
             Status::internal("internal error")
         }

@@ -90,7 +90,7 @@ impl From<Error> for ApiError {
             Error::Aborted(m) => {
                 Self::new(S::BAD_REQUEST, "aborted", format!("upload aborted: {m}"))
             }
-            Error::Internal(m) => {
+            Error::Internal(m) | Error::Setup(m) => {
                 tracing::error!(cause = m, "request failed: internal error");
                 Self::new(S::INTERNAL_SERVER_ERROR, "internal", "internal error")
             }
