@@ -4,14 +4,15 @@ COPY . .
 RUN cargo build --release --locked
 
 FROM debian:bookworm-slim
-ARG GRPC_HEALTH_PROBE_VERSION=v0.4.37
-ADD https://github.com/grpc-ecosystem/grpc-health-probe/releases/download/${GRPC_HEALTH_PROBE_VERSION}/grpc_health_probe-linux-amd64 /usr/local/bin/grpc_health_probe
-RUN chmod +x /usr/local/bin/grpc_health_probe && useradd --system --home /var/lib/upscaler upscaler \
+RUN useradd --system --home /var/lib/upscaler upscaler \
     && mkdir -p /var/lib/upscaler/tmp && chown -R upscaler /var/lib/upscaler
 COPY --from=build /src/target/release/upscaler /usr/local/bin/upscaler
-COPY --from=build /src/weights /opt/upscaler/weights
-ENV UPSCALER_WEIGHTS_DIR=/opt/upscaler/weights DATA_DIR=/var/lib/upscaler/data
+# Found from /usr/local/bin/upscaler as <exe>/../share/upscaler/weights: no setting needed.
+COPY --from=build /src/weights /usr/local/share/upscaler/weights
+ENV DATA_DIR=/var/lib/upscaler TEMP_DIR=/var/lib/upscaler/tmp UPSCALER_SOURCE_WEIGHTS=0
 USER upscaler
 EXPOSE 50051
+HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=5 \
+    CMD ["upscaler", "health", "--timeout", "4"]
 ENTRYPOINT ["upscaler"]
 CMD ["serve"]
