@@ -166,24 +166,37 @@ fn bad_inputs_exit_non_zero_with_one_line_and_leave_no_output() {
     }
 }
 
+/// `--weights-dir` is the first place searched: a folder without the file is named in the
+/// error with the others, and the command exits 2 (setup) having written nothing.
+#[cfg(not(feature = "embed-weights"))]
 #[test]
-fn missing_weights_name_the_path() {
+fn missing_weights_name_the_folders_searched() {
     let dir = tempfile::tempdir().unwrap();
     let input = common::fixture("parity/coffee_80x60.png");
-    let o = upscaler(&[
-        "upscale",
-        input.to_str().unwrap(),
-        "-o",
-        dir.path().join("o.png").to_str().unwrap(),
-        "--weights-dir",
-        dir.path().to_str().unwrap(),
-    ]);
-    assert_eq!(o.status.code(), Some(1));
+    let out = dir.path().join("o.png");
+    let o = Command::new(env!("CARGO_BIN_EXE_upscaler"))
+        .args([
+            "upscale",
+            input.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+        ])
+        .args(["--weights-dir", dir.path().to_str().unwrap()])
+        .current_dir(dir.path())
+        .env_remove("UPSCALER_MODEL")
+        .env_remove("UPSCALER_WEIGHTS_DIR")
+        .env("UPSCALER_SOURCE_WEIGHTS", "0")
+        .output()
+        .expect("binary runs");
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("realesrgan-x4plus.safetensors"), "{err}");
+    assert!(err.contains(&dir.path().display().to_string()), "{err}");
     assert!(
-        stderr(&o).contains("realesrgan-x4plus.safetensors"),
-        "{}",
-        stderr(&o)
+        err.contains(&dir.path().join("weights").display().to_string()),
+        "{err}"
     );
+    assert!(!out.exists());
 }
 
 #[test]

@@ -161,10 +161,10 @@ async fn exit_codes(place: Place) {
     assert_eq!(o.status.code(), Some(2));
     assert!(one_line(&o).contains("InvalidArgument"));
 
-    // A model that is not installed is refused at upload...
+    // A model whose weights are in no folder searched is refused at upload...
     let input = write_png(dir.path(), "fails.png", 8, 8);
     let input = input.to_str().unwrap();
-    let o = upscaler(&addr, &["upload", input, "--model", "realesrgan-x4plus"]).await;
+    let o = upscaler(&addr, &["upload", input, "--model", "realesrgan-x2plus"]).await;
     assert_eq!(o.status.code(), Some(2), "{:?}", text(&o));
     assert!(one_line(&o).contains("not installed"));
     // ...and one whose weights turn out corrupt fails its task.

@@ -33,7 +33,8 @@ pub enum ModelError {
     #[error("unknown model `{name}` (installed: {known})")]
     UnknownModelIn { name: String, known: String },
     #[error(
-        "model `{0}` is not installed on this server: its weights are not in the weights folder"
+        "model `{0}` is not installed on this server: its weights are in none of the weights \
+         folders (`upscaler doctor` lists them)"
     )]
     NotInstalled(String),
     #[error("weights for `{model}` not found at {path}")]
