@@ -80,6 +80,12 @@ pub async fn examine(settings: &Settings) -> Report {
         );
     }
     let weights = WeightsDirs::search(settings.weights_dir.as_deref());
+    if let Some(dir) = weights.setting_not_a_folder() {
+        report.problem(
+            format!("UPSCALER_WEIGHTS_DIR {} is not a folder", dir.display()),
+            "correct UPSCALER_WEIGHTS_DIR, or unset it to use the shipped weights found elsewhere",
+        );
+    }
     let models_dir = settings.models_dir();
     let catalog = Catalog::scan(&weights, Some(&models_dir));
     weights_section(&mut report, &catalog);

@@ -199,6 +199,33 @@ fn missing_weights_name_the_folders_searched() {
     assert!(!out.exists());
 }
 
+/// A `--weights-dir` that is not a folder (a typo) is said on stderr; the search goes on.
+#[test]
+fn a_weights_dir_that_is_not_a_folder_is_warned_about() {
+    let dir = tempfile::tempdir().unwrap();
+    let typo = dir.path().join("weigths");
+    let input = dir.path().join("in.png");
+    std::fs::write(&input, common::server::png(8, 6, 1)).unwrap();
+    let out = dir.path().join("o.png");
+    let o = upscaler(&[
+        "upscale",
+        input.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "-m",
+        "realesr-animevideov3",
+        "--weights-dir",
+        typo.to_str().unwrap(),
+    ]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("UPSCALER_WEIGHTS_DIR is not a folder") && err.contains("weigths"),
+        "{err}"
+    );
+    assert!(out.is_file());
+}
+
 #[test]
 fn convert_ncnn_rejects_mismatched_architecture() {
     // The converter writes nothing when the files do not fit the named architecture.

@@ -343,10 +343,22 @@ fn doctor_reports_its_sections_and_problems() {
     assert!(out.contains("no problems found"), "{out}");
 
     let dead = format!("redis://127.0.0.1:{}", srv::free_port());
-    let o = doctor(&[("REDIS_URL", &dead), ("DEFAULT_MODEL", "no-such-model")]);
+    let typo = cwd.path().join("weigths");
+    let o = doctor(&[
+        ("REDIS_URL", &dead),
+        ("DEFAULT_MODEL", "no-such-model"),
+        ("UPSCALER_WEIGHTS_DIR", typo.to_str().unwrap()),
+    ]);
     let out = String::from_utf8_lossy(&o.stdout).into_owned();
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
-    assert!(out.contains("2 problem(s)"), "{out}");
+    assert!(out.contains("3 problem(s)"), "{out}");
+    assert!(
+        out.contains(&format!(
+            "UPSCALER_WEIGHTS_DIR {} is not a folder\n    fix: correct UPSCALER_WEIGHTS_DIR",
+            typo.display()
+        )),
+        "{out}"
+    );
     assert!(
         out.contains("fix: start Redis or correct REDIS_URL"),
         "{out}"

@@ -55,7 +55,14 @@ impl WeightsDirs {
         let exe = std::env::current_exe().ok();
         let source = (std::env::var_os(SOURCE_TREE_VAR).as_deref() != Some("0".as_ref()))
             .then(|| Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf());
-        Self::from_parts(setting, cwd.as_deref(), exe.as_deref(), source.as_deref())
+        let dirs = Self::from_parts(setting, cwd.as_deref(), exe.as_deref(), source.as_deref());
+        if let Some(dir) = dirs.setting_not_a_folder() {
+            tracing::warn!(
+                dir = %dir.display(),
+                "UPSCALER_WEIGHTS_DIR is not a folder; searching the other places"
+            );
+        }
+        dirs
     }
 
     fn from_parts(
@@ -98,6 +105,15 @@ impl WeightsDirs {
 
     pub fn places(&self) -> &[Place] {
         &self.places
+    }
+
+    /// The folder the settings name, when it is not a folder (most likely a typo: the search
+    /// goes on without it, so a shipped file from elsewhere would be used instead).
+    pub fn setting_not_a_folder(&self) -> Option<&Path> {
+        self.places
+            .iter()
+            .find(|p| p.why == Why::Setting && !p.dir.is_dir())
+            .map(|p| p.dir.as_path())
     }
 
     /// The first `<folder>/<file_name>` that is a file.
@@ -229,14 +245,17 @@ mod tests {
             let bytes = std::fs::read(&path).unwrap();
             let got = crate::tasks::types::hex(&sha2::Sha256::digest(&bytes));
             assert_eq!(got, sha, "{file}");
-            if let Some(embedded) = built_in(file) {
+            // With `embed-weights`, every shipped file is built in, byte for byte.
+            let embedded = built_in(file);
+            assert_eq!(
+                embedded.is_some(),
+                cfg!(feature = "embed-weights"),
+                "{file}"
+            );
+            if let Some(embedded) = embedded {
                 assert!(embedded == bytes.as_slice(), "{file}: built in as shipped");
             }
         }
-        assert_eq!(
-            built_in("realesrgan-x4plus.safetensors").is_some(),
-            cfg!(feature = "embed-weights")
-        );
     }
 
     #[test]
@@ -257,5 +276,14 @@ mod tests {
             "the setting's folder comes first"
         );
         assert!(dirs.searched().contains("(UPSCALER_WEIGHTS_DIR)"));
+        assert_eq!(dirs.setting_not_a_folder(), None);
+        let typo = setting.path().join("nope");
+        let dirs = WeightsDirs::from_parts(Some(&typo), Some(cwd.path()), None, None);
+        assert_eq!(dirs.setting_not_a_folder(), Some(typo.as_path()));
+        assert_eq!(
+            dirs.find("m.safetensors"),
+            Some(cwd.path().join("weights/m.safetensors")),
+            "the search goes on without it"
+        );
     }
 }
