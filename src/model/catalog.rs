@@ -65,9 +65,16 @@ impl Entry {
     /// A shipped model with the weights compiled into the binary, if they are.
     pub fn built_in(spec: &ModelSpec) -> Option<Self> {
         let bytes = locate::built_in(&spec.weights_file_name())?;
-        let parameters = weights::safetensors_header_shapes(bytes)
+        let parameters = safetensors::SafeTensors::read_metadata(bytes)
             .ok()
-            .map(|shapes| detect::parameter_count(&shapes));
+            .map(|(_, meta)| {
+                let shapes: Shapes = meta
+                    .tensors()
+                    .into_iter()
+                    .map(|(name, info)| (name, info.shape.clone()))
+                    .collect();
+                detect::parameter_count(&shapes)
+            });
         Some(Self {
             spec: spec.clone(),
             file: PathBuf::from(spec.weights_file_name()),

@@ -66,20 +66,6 @@ pub fn read_safetensors_bytes(bytes: &[u8], path: &Path) -> Result<StateDict, Mo
         .map_err(|e| ModelError::format(format!("{}: {e}", path.display())))
 }
 
-/// The names and shapes of the tensors in a whole safetensors file's bytes.
-pub fn safetensors_header_shapes(bytes: &[u8]) -> Result<super::detect::Shapes, ModelError> {
-    let bad = |why: &str| ModelError::format(format!("not a safetensors file: {why}"));
-    let len = bytes
-        .get(..8)
-        .map(|l| u64::from_le_bytes(l.try_into().expect("8 bytes")))
-        .ok_or_else(|| bad("too short"))?;
-    let header = usize::try_from(len)
-        .ok()
-        .and_then(|len| bytes.get(8..8usize.checked_add(len)?))
-        .ok_or_else(|| bad("its header runs past the end"))?;
-    parse_header(header).map_err(|why| bad(&why))
-}
-
 /// The names and shapes of a safetensors file's tensors, from its header alone.
 pub fn safetensors_shapes(path: &Path) -> Result<super::detect::Shapes, ModelError> {
     use std::io::Read;
@@ -97,22 +83,17 @@ pub fn safetensors_shapes(path: &Path) -> Result<super::detect::Shapes, ModelErr
     }
     let mut header = vec![0u8; len as usize];
     f.read_exact(&mut header).map_err(io_err(path))?;
-    parse_header(&header).map_err(bad)
-}
-
-/// Tensor names and shapes from a safetensors JSON header.
-fn parse_header(header: &[u8]) -> Result<super::detect::Shapes, String> {
     #[derive(serde::Deserialize)]
     struct Info {
         shape: Vec<usize>,
     }
-    let mut map: serde_json::Map<String, serde_json::Value> =
-        serde_json::from_slice(header).map_err(|e| format!("not a safetensors header: {e}"))?;
+    let mut map: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header)
+        .map_err(|e| bad(format!("not a safetensors header: {e}")))?;
     map.remove("__metadata__");
     map.into_iter()
         .map(|(name, v)| {
             let info: Info =
-                serde_json::from_value(v).map_err(|e| format!("tensor {name}: {e}"))?;
+                serde_json::from_value(v).map_err(|e| bad(format!("tensor {name}: {e}")))?;
             Ok((name, info.shape))
         })
         .collect()
