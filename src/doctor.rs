@@ -1,12 +1,13 @@
 //! `upscaler doctor`: what this installation runs with (version, CPU path, weights, models,
 //! store and locks), and every problem found, each with a one-line fix.
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use sha2::{Digest, Sha256};
 
 use crate::config::Settings;
-use crate::model::catalog::{Catalog, Origin};
+use crate::model::catalog::{Catalog, Entry, Origin};
 use crate::model::locate::{self, WeightsDirs};
 use crate::model::{registry, Isa, ModelError};
 use crate::tasks::types::hex;
@@ -160,6 +161,7 @@ fn cpu() -> Vec<String> {
 fn weights_section(report: &mut Report, catalog: &Catalog) {
     let mut lines = vec![format!("searched: {}", catalog.weights_dirs().searched())];
     let manifest = locate::manifest();
+    let mut checked_files = HashMap::new();
     for spec in registry::REGISTRY.iter().filter(|s| s.shipped) {
         let file = spec.weights_file_name();
         let expected = manifest.iter().find(|(f, _)| *f == file).map(|(_, s)| *s);
@@ -171,46 +173,58 @@ fn weights_section(report: &mut Report, catalog: &Catalog) {
             lines.push(format!("{}: not found", spec.name));
             continue;
         };
-        let bytes = match entry.origin {
-            Origin::BuiltIn => locate::built_in(&file).map(<[u8]>::to_vec),
-            _ => std::fs::read(&entry.file).ok(),
-        };
-        let Some(bytes) = bytes else {
-            lines.push(format!(
-                "{}: {} cannot be read",
+        // The x2/x3 animevideov3 models share the x4 file: read and judge each file once.
+        let source = entry.source_text();
+        let checked = checked_files
+            .entry(source.clone())
+            .or_insert_with(|| check_weights_file(report, entry, &file, &source, expected));
+        match checked {
+            Some((size, sha, verdict)) => lines.push(format!(
+                "{}: {source} ({:.1} MB), sha256 {}, {verdict}",
                 spec.name,
-                entry.source_text()
-            ));
-            report.problem(
-                format!("{} cannot be read", entry.source_text()),
-                "check the file's permissions",
-            );
-            continue;
-        };
-        let sha = hex(&Sha256::digest(&bytes));
-        let verdict = match expected {
-            Some(e) if e == sha => "matches weights/README.md",
-            Some(_) => {
-                report.problem(
-                    format!(
-                        "{} is not the shipped file (sha256 {sha})",
-                        entry.source_text()
-                    ),
-                    format!("replace it with {file} from the repository's weights/ folder"),
-                );
-                "DIFFERS from weights/README.md"
-            }
-            None => "not in the manifest",
-        };
-        lines.push(format!(
-            "{}: {} ({:.1} MB), sha256 {}, {verdict}",
-            spec.name,
-            entry.source_text(),
-            bytes.len() as f64 / 1e6,
-            &sha[..16],
-        ));
+                *size as f64 / 1e6,
+                &sha[..16],
+            )),
+            None => lines.push(format!("{}: {source} cannot be read", spec.name)),
+        }
     }
     report.section("weights", lines);
+}
+
+/// Reads one weights file (or its built-in copy), hashes it and compares it with the
+/// manifest: its size, sha256 and verdict, or `None` when it cannot be read. Problems go into
+/// the report.
+fn check_weights_file(
+    report: &mut Report,
+    entry: &Entry,
+    file: &str,
+    source: &str,
+    expected: Option<&str>,
+) -> Option<(usize, String, &'static str)> {
+    let bytes = match entry.origin {
+        Origin::BuiltIn => locate::built_in(file).map(<[u8]>::to_vec),
+        _ => std::fs::read(&entry.file).ok(),
+    };
+    let Some(bytes) = bytes else {
+        report.problem(
+            format!("{source} cannot be read"),
+            "check the file's permissions",
+        );
+        return None;
+    };
+    let sha = hex(&Sha256::digest(&bytes));
+    let verdict = match expected {
+        Some(e) if e == sha => "matches weights/README.md",
+        Some(_) => {
+            report.problem(
+                format!("{source} is not the shipped file (sha256 {sha})"),
+                format!("replace it with {file} from the repository's weights/ folder"),
+            );
+            "DIFFERS from weights/README.md"
+        }
+        None => "not in the manifest",
+    };
+    Some((bytes.len(), sha, verdict))
 }
 
 fn models_section(report: &mut Report, catalog: &Catalog, models_dir: &Path, default: &str) {

@@ -342,6 +342,42 @@ fn doctor_reports_its_sections_and_problems() {
     );
     assert!(out.contains("no problems found"), "{out}");
 
+    // A weights file that is not the shipped one is one problem, although the three
+    // animevideov3 models that share it each show it.
+    let changed = cwd.path().join("changed");
+    put_weights(&changed);
+    let path = changed.join(WEIGHTS);
+    let mut bytes = std::fs::read(&path).unwrap();
+    *bytes.last_mut().unwrap() ^= 1;
+    std::fs::write(&path, bytes).unwrap();
+    let o = doctor(&[("UPSCALER_WEIGHTS_DIR", changed.to_str().unwrap())]);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let sharing: Vec<&str> = out
+        .lines()
+        .filter(|l| l.contains(&format!(": {} (", path.display())))
+        .collect();
+    assert_eq!(sharing.len(), 3, "{out}");
+    assert!(
+        sharing
+            .iter()
+            .all(|l| l.contains("DIFFERS from weights/README.md")),
+        "{out}"
+    );
+    assert!(out.contains("1 problem(s)"), "{out}");
+    assert_eq!(
+        out.matches(&format!("{} is not the shipped file", path.display()))
+            .count(),
+        1,
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!(
+            "fix: replace it with {WEIGHTS} from the repository's weights/ folder"
+        )),
+        "{out}"
+    );
+
     let dead = format!("redis://127.0.0.1:{}", srv::free_port());
     let typo = cwd.path().join("weigths");
     let o = doctor(&[
