@@ -6,7 +6,6 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::time::Duration;
 
 use common::server::{self as srv, Backend, Place, Server};
 
@@ -267,23 +266,12 @@ async fn health_of_a_live_a_starting_and_a_dead_server() {
     server.stop().await;
 
     // Starting: the store's server selection waits for a MongoDB that is not there.
-    let mut settings = Place::new(Backend::Embedded).settings();
-    settings.mongo_uri = Some(format!(
-        "mongodb://127.0.0.1:{}/?directConnection=true&serverSelectionTimeoutMS=6000",
-        srv::free_port()
-    ));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let starting = tokio::spawn(upscaler::serve(settings, listener, std::future::pending()));
-    let o = health(format!("http://{addr}")).await;
+    let starting = srv::Starting::begin(&Place::new(Backend::Embedded), 6000).await;
+    let o = health(format!("http://{}", starting.addr)).await;
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "NOT_SERVING");
     assert!(String::from_utf8_lossy(&o.stderr).contains("NOT_SERVING"));
-    let failed = tokio::time::timeout(Duration::from_secs(60), starting)
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(failed.is_err(), "the start cannot succeed without MongoDB");
+    starting.fails().await;
 
     // Nothing listens: unreachable.
     let o = health(format!("http://127.0.0.1:{}", srv::free_port())).await;

@@ -189,6 +189,41 @@ impl Server {
     }
 }
 
+/// A server that stays starting for `selection_ms`: its store waits for a MongoDB that is not
+/// there, then the start fails.
+pub struct Starting {
+    pub addr: std::net::SocketAddr,
+    _stop: oneshot::Sender<()>,
+    handle: ServeHandle,
+}
+
+impl Starting {
+    pub async fn begin(place: &Place, selection_ms: u64) -> Self {
+        let mut settings = place.settings();
+        settings.mongo_uri = Some(format!(
+            "mongodb://127.0.0.1:{}/?directConnection=true&serverSelectionTimeoutMS={selection_ms}",
+            free_port()
+        ));
+        let (addr, _stop, handle) = spawn(settings, 0).await;
+        Self {
+            addr,
+            _stop,
+            handle,
+        }
+    }
+
+    /// Waits for the start to give up, and asserts that it did. The stop sender lives until
+    /// then, so the server is never asked to stop.
+    pub async fn fails(self) {
+        let Self { handle, _stop, .. } = self;
+        let failed = tokio::time::timeout(Duration::from_secs(60), handle)
+            .await
+            .expect("the start gives up within a minute")
+            .unwrap();
+        assert!(failed.is_err(), "the start cannot succeed without MongoDB");
+    }
+}
+
 type ServeHandle = tokio::task::JoinHandle<Result<(), upscaler::api::ServeError>>;
 
 /// `upscaler::serve` on 127.0.0.1:`port` until the sender is used.
